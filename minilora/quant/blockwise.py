@@ -1,0 +1,252 @@
+"""Blockwise 4-bit quantization (NF4 / FP4) with double quantization, as in the QLoRA paper, section 3.
+
+Bit budget: 4 bits per weight + one float32 absmax per block = 4 + 32/64 = 4.5 bits at blocksize 64;
+with double quantization the absmax becomes 8 bits plus one float32 per 256 blocks:
+4 + 8/64 + 32/(64*256) ~= 4.127 bits per weight.
+
+The recipe, for a tensor W (any shape, flattened row-major; a block may span two rows):
+
+    1. cut W into blocks of `blocksize` consecutive values (the last one may be shorter);
+    2. absmax[b] = max |W| in block b;                      (float32)
+    3. every value is divided by its block's absmax -> [-1, 1];
+    4. each normalised value becomes the index of the nearest code (ties go to the lower index);
+    5. two 4-bit indices share a byte, the first in the HIGH nibble;
+    6. (double quant) absmax - mean(absmax) is quantized again, to 8 bits in blocks of 256.
+
+Dequantization reads it backwards: code[index] * absmax[block], computed in float32, then cast.
+
+A worked 8-element example (blocksize 8) is in docs/quantization.md, printed by
+examples/quantization_walkthrough.py.
+
+Everything here reproduces bitsandbytes 0.50 on CPU bit for bit (tests/quant/test_bnb_parity.py),
+including two of its details: full blocks are scaled by the reciprocal of absmax while a partial last
+block is divided by it, and a zero absmax is floored at 1e-38 for the scaling (a partial all-zero last
+block therefore stores 1e-38, a full one stores 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codebooks import get_code
+from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
+
+# Work on at most this many elements at once, so that quantizing a weight needs little memory beyond
+# the weight itself (float32 scratch of 4 bytes per element of the chunk, not of the tensor).
+CHUNK = 1 << 21
+
+
+def _check_float_tensor(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what}: dtype {x.dtype} is not one of float32, float16, bfloat16")
+    if x.numel() == 0:
+        raise ValueError(f"{what}: tensor of shape {tuple(x.shape)} is empty")
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x.reshape(-1))).nonzero()[0, 0].item()
+        raise ValueError(f"{what}: tensor holds NaN or Inf (first at flat index {bad}: {x.reshape(-1)[bad].item()})")
+
+
+def _sorted_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision boundaries of nearest-code rounding: midpoints of the codes in value order.
+
+    Returns (midpoints (15,), order (16,)) where order[k] is the code index of the k-th smallest code.
+    A stable sort keeps equal codes (FP4's two zeros) in index order.
+    """
+    order = torch.sort(code, stable=True).indices
+    ordered = code[order]
+    return (ordered[:-1] + ordered[1:]) * 0.5, order
+
+
+def pack_4bit(q: torch.Tensor, pad_index: int = 0) -> torch.Tensor:
+    """Two 4-bit indices per byte, element 2i in the high nibble: (q[0::2] << 4) | q[1::2].
+
+    An odd count is padded with `pad_index` (the quantizer passes the code of 0.0: 7 for NF4, 0 for FP4).
+    Returns uint8 of shape ((n + 1) // 2, 1).
+    """
+    q = q.reshape(-1).to(torch.uint8)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_full((1,), pad_index)])
+    return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)  # (n/2, 1)
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_4bit`: the first n indices, as int64."""
+    packed = packed.reshape(-1)
+    q = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)  # (2 * n_bytes,)
+    return q[:n].long()
+
+
+def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax per block and the values scaled to [-1, 1], both float32 (steps 1-3 of the recipe)."""
+    flat = flat.float()
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax.reshape(1)])
+        scaled = torch.cat([scaled, (flat[full:] / tail_absmax).clamp(-1, 1)])
+    return absmax, scaled
+
+
+def quantize_4bit_codes(
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-4 without packing: (code indices int64 (n,), absmax float32 (n_blocks,))."""
+    code = get_code(quant_type).to(x.device)
+    midpoints, order = _sorted_midpoints(code)
+    flat = x.reshape(-1)
+    step = max(blocksize, CHUNK - CHUNK % blocksize)
+    indices, absmaxes = [], []
+    for start in range(0, flat.numel(), step):
+        absmax, scaled = _scale_blocks(flat[start : start + step], blocksize)
+        # bucketize(right=False) counts midpoints strictly below the value: a value exactly on a
+        # midpoint stays with the lower code.
+        indices.append(order[torch.bucketize(scaled, midpoints)])
+        absmaxes.append(absmax)
+    return torch.cat(indices), torch.cat(absmaxes)
+
+
+def _index_of_zero(quant_type: str) -> int:
+    """The code index that 0.0 rounds to: the padding of an odd element count."""
+    midpoints, order = _sorted_midpoints(get_code(quant_type))
+    return int(order[torch.bucketize(torch.zeros(1), midpoints)])
+
+
+def quantize_4bit(
+    x: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize a float tensor to packed 4-bit codes; bitsandbytes.functional.quantize_4bit's twin.
+
+    Returns (packed uint8 ((n+1)//2, 1), QuantState). With compress_statistics the absmax is double
+    quantized (`state.absmax` uint8, `state.offset`, `state.state2.absmax`).
+    """
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not one of {VALID_BLOCKSIZES}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    _check_float_tensor(x, "quantize_4bit")
+    q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type)
+    packed = pack_4bit(q, pad_index=_index_of_zero(quant_type))
+    state = QuantState(
+        absmax=absmax,
+        shape=x.shape,
+        code=get_code(quant_type).to(x.device).clone(),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=x.dtype,
+    )
+    if compress_statistics:
+        state = double_quantize(state)
+    return packed, state
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 absmax of every block, undoing double quantization when it was applied."""
+    if state.state2 is None:
+        return state.absmax.float()
+    assert state.offset is not None, "double-quantized state without offset"
+    s2 = state.state2
+    return dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize) + state.offset
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype)."""
+    n = state.numel
+    if packed.numel() * 2 < n:
+        raise ValueError(
+            f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
+        )
+    absmax = dequantize_absmax(state)
+    values = state.code.to(packed.device)[unpack_4bit(packed, n)]  # (n,) float32
+    full = n - n % state.blocksize
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize, None]).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.view(state.shape).to(dtype or state.dtype)
+
+
+# ---- 8-bit blockwise quantization, used for double quantization ----------------------------------------
+
+# bitsandbytes' CPU kernel does not search the code for the nearest value: it maps the normalised value
+# onto a grid of 65536 steps over [-1, 1] and reads the code index from a table built once per code
+# (index = count of code midpoints below the grid point). The chosen code can then differ from the
+# nearest one by a few steps where codes are closer than the grid (near zero) or a value sits near a
+# midpoint. minilora reproduces that table so that double-quantized files are bit-identical; pass
+# rounding="nearest" for true nearest-code rounding.
+_GRID = 65536
+_grid_tables: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _grid_table(code: torch.Tensor) -> torch.Tensor:
+    key = (hash(tuple(code.tolist())), str(code.device))
+    if key not in _grid_tables:
+        midpoints = (code[:-1] + code[1:]) * 0.5  # (255,)
+        grid = -1.0 + (2.0 * torch.arange(_GRID, dtype=torch.float32, device=code.device)) / (_GRID - 1)
+        _grid_tables[key] = torch.searchsorted(midpoints, grid, side="left")  # (65536,)
+    return _grid_tables[key]
+
+
+def quantize_blockwise_8bit(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = 256, rounding: str = "bnb_cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize float32 x blockwise to indices into a sorted 256-value code: (uint8 (n,), absmax (n_blocks,))."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)  # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # An all-zero block stores index 0 (whatever code[0] is) with absmax 0, as the reference does.
+    safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
+    scaled = (blocks * (1.0 / safe).unsqueeze(1)).clamp_(-1, 1)
+    if rounding == "bnb_cpu":
+        grid_index = (((scaled + 1.0) * 0.5) * (_GRID - 1) + 0.5).to(torch.int64)
+        q = _grid_table(code)[grid_index]
+    elif rounding == "nearest":
+        midpoints = (code[:-1] + code[1:]) * 0.5
+        q = torch.bucketize(scaled, midpoints)
+    else:
+        raise ValueError(f"rounding {rounding!r} is not 'bnb_cpu' or 'nearest'")
+    q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
+) -> torch.Tensor:
+    """code[q] * absmax[block], float32."""
+    n = q.numel()
+    values = code[q.reshape(-1).long()]
+    pad = (-n) % blocksize
+    values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize)  # (n_blocks, blocksize)
+    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
+
+
+def double_quantize(state: QuantState, nested_blocksize: int = 256) -> QuantState:
+    """Replace the float32 absmax by 8-bit codes of (absmax - mean) (QLoRA section 3, Double Quantization).
+
+    Positive absmax values would waste the sign bit of the signed 8-bit code; centring them on their mean
+    uses the whole range.
+    """
+    assert state.state2 is None, "state is already double quantized"
+    offset = state.absmax.mean()
+    code8 = get_code("dynamic").to(state.absmax.device)
+    q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize)
+    return QuantState(
+        absmax=q,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=offset,
+        state2=NestedState(nested_absmax, code8.clone(), nested_blocksize, torch.float32),
+    )

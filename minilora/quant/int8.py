@@ -1,0 +1,64 @@
+"""8-bit weights in the style of LLM.int8() (Dettmers et al. 2022), as bitsandbytes stores them.
+
+Bit budget: 8 bits per weight + one float32 scale (SCB) per output row: 8 + 32/in_features bits.
+
+Weights: each output row is scaled by its absmax, SCB[o] = max_i |W[o, i]|, so that it spans
+[-127, 127]: CB = round(W * 127 / SCB). (bitsandbytes rounds the weight to float16 first; so do we,
+so that the int8 codes are identical.)
+
+Forward (section 3.2 of the paper, "mixed-precision decomposition"): a few feature dimensions of the
+activations carry outliers (|x| >= threshold, 6.0 by default in transformers) that row-wise int8
+cannot represent. Those input columns run in 16/32-bit against the dequantized weight columns; all
+other columns run int8 x int8 with a per-row activation scale:
+
+    y = (Cx @ CB.T) * (SCx x SCB) / 127^2  +  x[:, outliers] @ W_deq[:, outliers].T  +  bias
+
+threshold = 0 disables the decomposition and runs weight-only: y = x @ W_deq.T (activations stay float).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blockwise import _check_float_tensor
+
+
+def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB int8 [out, in], SCB float32 [out]) with CB = round(W * 127 / SCB) per row."""
+    if weight.dim() != 2:
+        raise ValueError(f"int8 weights must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    _check_float_tensor(weight, "quantize_int8_rowwise")
+    w16 = weight.detach().to(torch.float16)
+    scb = w16.abs().amax(dim=1).float()  # (out,)
+    safe = torch.where(scb == 0, torch.ones_like(scb), scb)
+    cb = torch.round(w16 * (127.0 / safe).unsqueeze(1)).to(torch.int8)  # (out, in)
+    return cb, scb
+
+
+def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W ~= CB * SCB / 127, in float32, cast to dtype."""
+    return (cb.float() * (scb.float() / 127.0).unsqueeze(1)).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """x @ W.T for an int8 weight (no bias), computed as LLM.int8() does; result in x.dtype.
+
+    The outlier split uses a 0/1 column mask instead of gathering columns, so shapes never depend on
+    the data (the cost: one extra float matmul that is mostly zeros).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (tokens, in)
+    if threshold <= 0:
+        return (x2 @ dequantize_int8_rowwise(cb, scb, x.dtype).T).reshape(*shape[:-1], cb.shape[0])
+    xf = x2.float()
+    outlier_cols = (xf.abs() >= threshold).any(dim=0)  # (in,)
+    inliers = xf.masked_fill(outlier_cols, 0.0)
+    scx = inliers.abs().amax(dim=1)  # (tokens,)
+    cx = torch.round(inliers * (127.0 / torch.where(scx == 0, torch.ones_like(scx), scx)).unsqueeze(1))
+    # Integer products summed in float32: exact while in_features * 127^2 < 2^24, else rounded like
+    # bitsandbytes' CPU path.
+    acc = cx @ cb.float().T  # (tokens, out)
+    out = acc * (scx.unsqueeze(1) * scb.unsqueeze(0)) * (1.0 / (127.0 * 127.0))
+    outliers = xf - inliers
+    out = out + outliers @ dequantize_int8_rowwise(cb, scb, torch.float32).T
+    return out.to(x.dtype).reshape(*shape[:-1], cb.shape[0])
