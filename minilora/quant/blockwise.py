@@ -27,13 +27,14 @@ block therefore stores 1e-38, a full one stores 0).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .codebooks import get_code
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
 
-# Work on at most this many elements at once, so that quantizing a weight needs little memory beyond
-# the weight itself (float32 scratch of 4 bytes per element of the chunk, not of the tensor).
-CHUNK = 1 << 21
+# Work on at most this many elements at once: the float32 scratch of a chunk (1 MB) stays in cache and
+# quantizing a weight needs little memory beyond the weight itself and its packed codes.
+CHUNK = 1 << 18
 
 
 def _check_float_tensor(x: torch.Tensor, what: str) -> None:
@@ -91,22 +92,39 @@ def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return absmax, scaled
 
 
+def nearest_code_index(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
+    """Step 4: the rank of the nearest code = how many decision boundaries lie strictly below the value.
+
+    A value exactly on a boundary is not counted past it, so ties go to the lower code. Returns uint8.
+    """
+    index = (scaled > midpoints[0]).to(torch.uint8)
+    for boundary in midpoints[1:]:
+        index += scaled > boundary
+    return index
+
+
 def quantize_4bit_codes(
     x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-4 without packing: (code indices int64 (n,), absmax float32 (n_blocks,))."""
-    code = get_code(quant_type).to(x.device)
-    midpoints, order = _sorted_midpoints(code)
+    """Steps 1-4 without packing: (code indices uint8 (n,), absmax float32 (n_blocks,)).
+
+    Works through the tensor in cache-sized chunks of whole blocks: every pass over a chunk then reads
+    the cache, not main memory, and the scratch space stays a few hundred kilobytes.
+    """
+    midpoints, order = _sorted_midpoints(get_code(quant_type))
+    bounds = midpoints.tolist()
     flat = x.reshape(-1)
+    n = flat.numel()
+    indices = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     step = max(blocksize, CHUNK - CHUNK % blocksize)
-    indices, absmaxes = [], []
-    for start in range(0, flat.numel(), step):
-        absmax, scaled = _scale_blocks(flat[start : start + step], blocksize)
-        # bucketize(right=False) counts midpoints strictly below the value: a value exactly on a
-        # midpoint stays with the lower code.
-        indices.append(order[torch.bucketize(scaled, midpoints)])
-        absmaxes.append(absmax)
-    return torch.cat(indices), torch.cat(absmaxes)
+    for start in range(0, n, step):
+        chunk_absmax, scaled = _scale_blocks(flat[start : start + step], blocksize)
+        absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
+        indices[start : start + scaled.numel()] = nearest_code_index(scaled, bounds)
+    if not torch.equal(order, torch.arange(16)):  # FP4: value rank -> bit pattern
+        indices = order.to(torch.uint8, copy=True).to(x.device)[indices.long()]
+    return indices, absmax
 
 
 def _index_of_zero(quant_type: str) -> int:
@@ -157,15 +175,24 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     return dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize) + state.offset
 
 
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: byte b -> (code[b >> 4], code[b & 15]), both values a packed byte holds."""
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype)."""
+    """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype).
+
+    Each byte is looked up once in a 256-entry table of value pairs, which unpacks and decodes in one step.
+    """
     n = state.numel
     if packed.numel() * 2 < n:
         raise ValueError(
             f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
         )
     absmax = dequantize_absmax(state)
-    values = state.code.to(packed.device)[unpack_4bit(packed, n)]  # (n,) float32
+    table = _byte_table(state.code.to(packed.device).float())
+    values = F.embedding(packed.reshape(-1).int(), table).view(-1)[:n]  # (n,) float32
     full = n - n % state.blocksize
     out = torch.empty(n, dtype=torch.float32, device=packed.device)
     out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize, None]).view(-1)

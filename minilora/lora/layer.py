@@ -1,0 +1,332 @@
+"""LoRALinear: a frozen base Linear (float, 8-bit or 4-bit) plus trainable low-rank adapters.
+
+LoRA (Hu et al. 2021, section 4.1) keeps W frozen and learns a low-rank update:
+
+          x ──────────────► base_layer (W, frozen) ─────────────┐
+          │                                                      (+) ──► y
+          └─► dropout ─► lora_A [r, in] ─► lora_B [out, r] ─► * scaling ┘
+
+    y = W x + scaling * B A dropout(x),   scaling = alpha / r           (LoRA, section 4.1)
+                                          scaling = alpha / sqrt(r)     (rsLoRA, Kalajdzievski 2023)
+
+A starts kaiming-uniform (a = sqrt(5), as nn.Linear) and B starts at zero, so B A = 0 and the wrapped
+model computes exactly what the base model computed on step 0; training moves B away from zero.
+Dividing by r makes the size of the update roughly independent of the rank, so alpha can stay fixed
+while r is tuned (section 4.1: "tuning alpha is roughly the same as tuning the learning rate").
+
+DoRA (Liu et al. 2024, section 4) splits the merged weight into a per-row magnitude m and a direction:
+    W' = m * (W + s B A) / ||W + s B A||_row,   the norm detached from the graph (section 4.3), so
+    y = base(x) + (g - 1) * (W x) + g * s * B A x,  g = m / ||W + s B A||_row.
+m is a trainable vector initialised to ||W||_row, so DoRA also starts equal to the base model.
+
+QLoRA (Dettmers et al. 2023, section 3): the base may be a 4-bit or 8-bit module with `dequantize()`;
+adapters stay float32 (by default), the input is cast to the adapter dtype and the adapter output back
+to the base output's dtype. Gradients flow to A, B (and m) through the frozen quantized base.
+
+Submodule names follow peft so state-dict keys line up: `base_layer`, `lora_A.<name>.weight`,
+`lora_B.<name>.weight`, `lora_magnitude_vector.<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AdapterSettings:
+    """r, alpha and the scaling they give for one named adapter on one layer."""
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float
+    use_dora: bool
+
+
+@dataclass
+class MergeReport:
+    """What merging one adapter into one base layer cost.
+
+    On a float base the merge is exact up to float rounding and both errors are 0.0. On a quantized base
+    the merged weight is requantized: max_abs_error = max |W_requant - W_merged|, rel_error =
+    ||W_requant - W_merged||_F / ||W_merged||_F (both against the float32 merged weight).
+    """
+
+    module: str
+    adapter: str
+    quantized: bool
+    max_abs_error: float
+    rel_error: float
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A quantized Linear is any non-nn.Linear module with in/out features and a `dequantize()` method."""
+    return (
+        not isinstance(module, nn.Linear)
+        and callable(getattr(module, "dequantize", None))
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's [out, in] weight: the parameter itself for nn.Linear, dequantized otherwise."""
+    if isinstance(base, nn.Linear):
+        return base.weight
+    if is_quantized_linear(base):
+        return base.dequantize()
+    raise ValueError(f"LoRA base must be nn.Linear or a quantized Linear with dequantize(), got {type(base)}")
+
+
+def requantize_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new quantized Linear of `old`'s class and settings holding `weight` (used to merge into 4/8-bit)."""
+    cls = type(old)
+    if hasattr(old, "quant_type"):  # Linear4bit
+        return cls.from_weight(
+            weight,
+            bias,
+            blocksize=old.blocksize,
+            quant_type=old.quant_type,
+            # double quantization shows as nested absmax buffers on minilora's Linear4bit
+            compress_statistics=getattr(old, "compress_statistics", hasattr(old, "nested_absmax")),
+            compute_dtype=old.compute_dtype,
+        )
+    if hasattr(old, "threshold"):  # Linear8bit
+        return cls.from_weight(weight, bias, threshold=old.threshold, compute_dtype=old.compute_dtype)
+    raise ValueError(f"cannot requantize a {cls.__name__}: it has neither quant_type nor threshold")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class LoRALinear(nn.Module):
+    """A base Linear plus one or more named LoRA adapters, one of them active."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+        adapter_name: str = "default",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
+            raise ValueError(f"LoRALinear wraps nn.Linear or a quantized Linear, got {type(base).__name__}")
+        self.base_layer = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.settings: dict[str, AdapterSettings] = {}
+        self.active_adapter: str = adapter_name
+        self.disabled: bool = False  # True: forward is the base layer alone
+        self.merged_adapters: list[str] = []
+        # What unmerge needs: DoRA's pre-merge row norms, and the pre-merge module of a quantized base.
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        self._premerge_base: dict[str, nn.Module] = {}
+        self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized_linear(self.base_layer)
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Create adapter `name` (A [r, in], B [out, r], optional DoRA magnitude [out]) with peft's init."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank must be a positive int, got r={r!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if "." in name or not name:
+            raise ValueError(f"adapter name must be non-empty and contain no '.', got {name!r}")
+        device = _device_of(self.base_layer)
+        lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        if init == "default":
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / r)
+        else:
+            raise ValueError(f"init must be 'default' or 'gaussian', got {init!r}")
+        nn.init.zeros_(lora_B.weight)  # B = 0: the adapter starts as an exact no-op
+        self.lora_A[name] = lora_A
+        self.lora_B[name] = lora_B
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.settings[name] = AdapterSettings(r, alpha, scaling, dropout, use_dora)
+        if use_dora:
+            with torch.no_grad():
+                weight = base_weight(self.base_layer).to(adapter_dtype)
+                magnitude = torch.linalg.norm(weight + scaling * self.lora_delta(name, unscaled=True), dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude)  # (out,)
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the active adapter; a layer without it then computes the base layer alone (as peft)."""
+        self.active_adapter = name
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name` (default: the active one)."""
+        name = name or self.active_adapter
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    def lora_delta(self, name: str, unscaled: bool = False) -> torch.Tensor:
+        """scaling * B @ A as an [out, in] matrix in the adapter dtype (without scaling if `unscaled`)."""
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
+        return delta if unscaled else delta * self.settings[name].scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        name = self.active_adapter
+        if self.disabled or self.merged_adapters or name not in self.lora_A:
+            return result
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        scaling = self.settings[name].scaling
+        dropout = self.lora_dropout[name]
+        x = x.to(lora_A.weight.dtype)
+        if name in self.lora_magnitude_vector:
+            delta = self._dora_delta(x, result, name)
+        else:
+            delta = lora_B(lora_A(dropout(x))) * scaling
+        if self.quantized:
+            # peft's bitsandbytes layers cast the adapter output first, then add in the base dtype.
+            return result + delta.to(result.dtype)
+        return (result + delta).to(result.dtype)
+
+    def _dora_delta(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """(g - 1) * W x + g * s * B A x, g = m / ||W + s B A||_row with the norm detached (DoRA 4.3)."""
+        scaling = self.settings[name].scaling
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        weight = base_weight(self.base_layer).to(x.dtype)
+        norm = torch.linalg.norm(weight + scaling * self.lora_delta(name, unscaled=True).detach(), dim=1)
+        g = (self.lora_magnitude_vector[name] / norm.detach()).view(1, -1)  # (1, out)
+        dropout = self.lora_dropout[name]
+        if self.training and not isinstance(dropout, nn.Identity):
+            # With dropout the base term must see the same dropped input as the adapter term.
+            x = dropout(x)
+            base_out = F.linear(x, weight)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result if bias is None else result - bias
+        return (g - 1) * base_out + g * lora_B(lora_A(x)) * scaling
+
+    # ---- merge / unmerge -------------------------------------------------------------------------------
+
+    def merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """W + s B A (LoRA) or m * (W + s B A) / ||W + s B A||_row (DoRA), in the dtype of `weight`."""
+        delta = self.lora_delta(name).to(weight.dtype)
+        merged = weight + delta
+        if name in self.lora_magnitude_vector:
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.lora_magnitude_vector[name].to(weight.dtype) / norm).view(-1, 1) * merged
+        return merged
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None, module_name: str = "") -> MergeReport:
+        """Fold adapter `name` into the base weight; a quantized base: dequantize, add, requantize."""
+        name = name or self.active_adapter
+        if name not in self.lora_A:
+            raise ValueError(f"no adapter named {name!r} on {module_name or 'this layer'}")
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is already merged into {module_name or 'this layer'}")
+        if not self.quantized:
+            weight = self.base_layer.weight
+            delta = self.lora_delta(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                norm = torch.linalg.norm(weight.to(delta.dtype) + delta, dim=1)
+                self._dora_merge_norm[name] = norm
+                factor = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+                weight.data = (factor * (weight.data + delta)).to(weight.dtype)
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+            return MergeReport(module_name, name, quantized=False, max_abs_error=0.0, rel_error=0.0)
+
+        old = self.base_layer
+        dequantized = old.dequantize()
+        target = self.merged_weight(dequantized.to(torch.float32), name)
+        bias = None if getattr(old, "bias", None) is None else old.bias.detach().clone()
+        new = requantize_like(old, target.to(dequantized.dtype), bias)
+        error = new.dequantize().to(torch.float32) - target
+        report = MergeReport(
+            module_name,
+            name,
+            quantized=True,
+            max_abs_error=error.abs().max().item(),
+            rel_error=(torch.linalg.norm(error) / torch.linalg.norm(target)).item(),
+        )
+        self._premerge_base[name] = old
+        self.base_layer = new
+        self.merged_adapters.append(name)
+        return report
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo the last merge: subtract on a float base, restore the pre-merge module on a quantized one."""
+        if not self.merged_adapters:
+            raise ValueError("nothing to unmerge: no adapter is merged into this layer")
+        name = self.merged_adapters.pop()
+        if name in self._premerge_base:
+            self.base_layer = self._premerge_base.pop(name)
+            return
+        weight = self.base_layer.weight
+        delta = self.lora_delta(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:
+            norm = self._dora_merge_norm.pop(name)
+            factor = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+            weight.data = (weight.data / factor - delta).to(weight.dtype)
+        else:
+            weight.data -= delta
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear with the active adapter merged (computed in float32, then cast to `dtype`).
+
+        dtype defaults to the base weight's dtype (for a quantized base: the dtype it was quantized from).
+        If an adapter is already merged, the current base weight is taken as is.
+        """
+        weight = base_weight(self.base_layer).detach()
+        dtype = dtype or weight.dtype
+        merged = weight.to(torch.float32)
+        if not self.merged_adapters and self.active_adapter in self.lora_A:
+            merged = self.merged_weight(merged, self.active_adapter)
+        bias = getattr(self.base_layer, "bias", None)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype
+        )
+        linear.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        s = self.settings.get(self.active_adapter)
+        active = "none" if s is None else f"r={s.r}, alpha={s.alpha}, scaling={s.scaling:g}, dora={s.use_dora}"
+        names = sorted(self.lora_A)
+        return f"active={self.active_adapter!r} ({active}), adapters={names}, disabled={self.disabled}"
