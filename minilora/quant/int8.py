@@ -51,14 +51,20 @@ def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold:
     if threshold <= 0:
         return (x2 @ dequantize_int8_rowwise(cb, scb, x.dtype).T).reshape(*shape[:-1], cb.shape[0])
     xf = x2.float()
-    outlier_cols = (xf.abs() >= threshold).any(dim=0)  # (in,)
-    inliers = xf.masked_fill(outlier_cols, 0.0)
-    scx = inliers.abs().amax(dim=1)  # (tokens,)
-    cx = torch.round(inliers * (127.0 / torch.where(scx == 0, torch.ones_like(scx), scx)).unsqueeze(1))
+    # LLM.int8 was built for float16 inference: like bitsandbytes, quantize the activations from their
+    # float16 rounding (the outlier columns below keep full precision).
+    x16 = x2.to(torch.float16).float()
+    outlier_entries = x16.abs() >= threshold  # (tokens, in)
+    outlier_cols = outlier_entries.any(dim=0)  # (in,)
+    # The row scale ignores the outlier entries themselves (as bitsandbytes does); then whole outlier
+    # columns leave the int8 product and go to the 16/32-bit one.
+    scx = x16.masked_fill(outlier_entries, 0.0).abs().amax(dim=1)  # (tokens,)
+    cx = torch.round(x16 * (127.0 / torch.where(scx == 0, torch.ones_like(scx), scx)).unsqueeze(1))
+    cx = cx.masked_fill(outlier_cols, 0.0)
     # Integer products summed in float32: exact while in_features * 127^2 < 2^24, else rounded like
     # bitsandbytes' CPU path.
     acc = cx @ cb.float().T  # (tokens, out)
     out = acc * (scx.unsqueeze(1) * scb.unsqueeze(0)) * (1.0 / (127.0 * 127.0))
-    outliers = xf - inliers
+    outliers = xf * outlier_cols  # (tokens, in), zero outside the outlier columns
     out = out + outliers @ dequantize_int8_rowwise(cb, scb, torch.float32).T
     return out.to(x.dtype).reshape(*shape[:-1], cb.shape[0])

@@ -1,0 +1,352 @@
+"""Reading and writing transformers-layout checkpoints: safetensors, single file or sharded.
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json`` (``{"weight_map": {key: shard file}}``). :class:`CheckpointReader`
+opens every file lazily through ``safetensors.safe_open`` (memory-mapped) and hands out one tensor at a
+time, so a loader never holds more than the tensor it is placing. Shapes and dtypes are read from the
+headers alone, which lets a loader validate every key and shape before it reads a single weight.
+
+Pickle checkpoints (``pytorch_model.bin``) can run code when unpickled; they are refused unless the caller
+passes ``allow_pickle=True``, and are then read with ``torch.load(weights_only=True)``.
+
+Every problem is reported with the file and key it concerns: :class:`CheckpointError` (a ValueError) for a
+corrupted or truncated file, a missing/unexpected key or a wrong shape; FileNotFoundError for a missing
+file or shard. Writes are atomic: a temporary file in the target directory, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as is: corrupted file, missing/unexpected key, wrong shape."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class CheckpointReader:
+    """Lazy, key-by-key access to the tensors of a checkpoint directory (or a single .safetensors file).
+
+    >>> with CheckpointReader("tiny-llama") as ckpt:
+    ...     ckpt.shape("model.norm.weight"), ckpt.file_of("model.norm.weight").name
+    ((64,), 'model.safetensors')
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
+        path = Path(path)
+        self.allow_pickle = allow_pickle
+        self._handles: dict[Path, Any] = {}  # safe_open handles, or state dicts for pickle files
+        self.is_pickle = False
+        if path.is_file():
+            self.source = path  # what error messages call "the checkpoint"
+            self.weight_map = self._single_file_map(path)
+            return
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint path {path} does not exist")
+        if (path / SAFE_INDEX).is_file():
+            self.source = path / SAFE_INDEX
+            self.weight_map = self._read_index(self.source)
+        elif (path / SAFE_SINGLE).is_file():
+            self.source = path / SAFE_SINGLE
+            self.weight_map = self._single_file_map(self.source)
+        elif (path / PICKLE_INDEX).is_file() or (path / PICKLE_SINGLE).is_file():
+            self.is_pickle = True
+            self.source = path / PICKLE_INDEX if (path / PICKLE_INDEX).is_file() else path / PICKLE_SINGLE
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{self.source} is a pickle checkpoint, which can execute code when loaded; refusing it. "
+                    "Convert it to safetensors, or pass allow_pickle=True if you trust its origin "
+                    "(it is then read with torch.load(weights_only=True))."
+                )
+            if self.source.name == PICKLE_INDEX:
+                self.weight_map = self._read_index(self.source)
+            else:
+                self.weight_map = {k: self.source for k in self._open(self.source).keys()}
+        else:
+            raise FileNotFoundError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {path} (nor a pickle {PICKLE_SINGLE})")
+
+    # -- opening
+    def _single_file_map(self, file: Path) -> dict[str, Path]:
+        if file.suffix == ".bin":
+            self.is_pickle = True
+            if not self.allow_pickle:
+                raise CheckpointError(f"{file} is a pickle checkpoint; pass allow_pickle=True to read it")
+        return {k: file for k in self._keys_of(file)}
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index} is not valid JSON: {e}") from e
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object")
+        out: dict[str, Path] = {}
+        for shard in sorted(set(weight_map.values())):
+            file = index.parent / shard
+            if not file.is_file():
+                key = next(k for k, v in weight_map.items() if v == shard)
+                raise FileNotFoundError(f"shard {file} listed in {index} (e.g. for key {key!r}) does not exist")
+            present = set(self._keys_of(file))
+            for key, where in weight_map.items():
+                if where == shard and key not in present:
+                    raise CheckpointError(f"{index} maps key {key!r} to {file}, which does not contain it")
+        for key, shard in weight_map.items():
+            out[key] = index.parent / shard
+        return out
+
+    def _open(self, file: Path) -> Any:
+        handle = self._handles.get(file)
+        if handle is not None:
+            return handle
+        if file.suffix == ".bin":
+            try:
+                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+                raise CheckpointError(f"cannot read pickle checkpoint {file}: {e}") from e
+        else:
+            try:
+                handle = safe_open(os.fspath(file), framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise CheckpointError(f"{file} is not a valid safetensors file (truncated or corrupted?): {e}") from e
+        self._handles[file] = handle
+        return handle
+
+    def _keys_of(self, file: Path) -> list[str]:
+        return list(self._open(file).keys())
+
+    # -- queries
+    def keys(self) -> list[str]:
+        """Every tensor name in the checkpoint."""
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def file_of(self, key: str) -> Path:
+        """The file that holds ``key``."""
+        if key not in self.weight_map:
+            raise CheckpointError(f"key {key!r} is missing from {self.source}")
+        return self.weight_map[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, read from the file header (no data read for safetensors)."""
+        handle = self._open(self.file_of(key))
+        if self.is_pickle:
+            return tuple(handle[key].shape)
+        return tuple(handle.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The tensor's stored dtype, read from the file header."""
+        handle = self._open(self.file_of(key))
+        if self.is_pickle:
+            return handle[key].dtype
+        name = handle.get_slice(key).get_dtype()
+        if name not in _ST_DTYPES:
+            raise CheckpointError(f"{self.file_of(key)}: key {key!r} has unsupported dtype {name}")
+        return _ST_DTYPES[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (on CPU, in its stored dtype)."""
+        file = self.file_of(key)
+        handle = self._open(file)
+        if self.is_pickle:
+            return handle[key]
+        try:
+            return handle.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read key {key!r}: {e}") from e
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata of the first file (empty for pickle checkpoints)."""
+        if self.is_pickle or not self.weight_map:
+            return {}
+        return self._open(next(iter(self.weight_map.values()))).metadata() or {}
+
+    def close(self) -> None:
+        """Drop the file handles (the memory maps close with them)."""
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint into a dict (convenience for small models and tests)."""
+    with CheckpointReader(path, allow_pickle=allow_pickle) as ckpt:
+        return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors to a .safetensors file atomically; metadata defaults to ``{"format": "pt"}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **(metadata or {})}
+    # safetensors refuses tensors that share storage or are non-contiguous: store independent copies.
+    plain = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(plain, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    tensors: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike,
+    max_shard_size: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as ``model.safetensors``, or as shards + index when they exceed ``max_shard_size`` bytes.
+
+    Shards are named as transformers names them (``model-00001-of-00003.safetensors``). A stale single
+    file or index from an earlier save in the same directory is removed so loaders see one checkpoint.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_safetensors(shards[0], directory / SAFE_SINGLE, metadata)
+        (directory / SAFE_INDEX).unlink(missing_ok=True)
+        return [directory / SAFE_SINGLE]
+    files = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(shard, directory / name, metadata)
+        files.append(directory / name)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_bytes(directory / SAFE_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    (directory / SAFE_SINGLE).unlink(missing_ok=True)
+    return files
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors by transformers key, without the tied ``lm_head.weight``."""
+    tensors = dict(model.state_dict())
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    config: Any | None = None,
+    max_shard_size: int | None = None,
+) -> None:
+    """Write ``config.json`` and the float weights (``model.safetensors`` or shards) of a model.
+
+    ``config`` is a :class:`minilora.models.config.ModelConfig` (default: ``model.config``). The dtype
+    recorded in config.json is the dtype of the saved embedding matrix. Quantized models are written with
+    :func:`minilora.loading.save_quantized` instead.
+    """
+    config = config if config is not None else getattr(model, "config", None)
+    if config is None:
+        raise ValueError("save_pretrained needs a config: pass config= or give the model a .config")
+    tensors = model_tensors(model)
+    float_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    odd = [k for k, t in tensors.items() if t.dtype not in float_dtypes]
+    if odd:
+        raise ValueError(
+            f"save_pretrained writes float checkpoints; {odd[0]!r} is {tensors[odd[0]].dtype} "
+            "(use minilora.loading.save_quantized for quantized models)"
+        )
+    directory = Path(directory)
+    save_checkpoint(tensors, directory, max_shard_size=max_shard_size)
+    out_config = _replace_config(config, quantization_config=None, dtype=_dtype_name(tensors))
+    out_config.to_json(directory / "config.json")
+
+
+def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    t = tensors.get("model.embed_tokens.weight")
+    if t is None:
+        return None
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _replace_config(config: Any, quantization_config: dict[str, Any] | None, dtype: str | None) -> Any:
+    """A copy of a ModelConfig with a new quantization_config and torch_dtype."""
+    return dataclasses.replace(config, quantization_config=quantization_config, torch_dtype=dtype or config.torch_dtype)
+
+
+def iter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time, in file order (streaming, for large checkpoints)."""
+    with CheckpointReader(path, allow_pickle=allow_pickle) as ckpt:
+        for key in ckpt.keys():
+            yield key, ckpt.get(key)
