@@ -11,8 +11,8 @@ tokenizer), train/ (data, loop, checkpoints), kernels/ (GPU fast paths).
 
 from .loading import from_pretrained, save_quantized
 from .lora import (
-    add_lora,
     adapter_nbytes,
+    add_lora,
     load_adapter,
     merge_adapters,
     merge_and_unload,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.dispatch import use_fast_path
 from .blockwise import dequantize_4bit, quantize_4bit
 from .int8 import dequantize_int8_rowwise, int8_linear, quantize_int8_rowwise
 from .state import NestedState, QuantState
@@ -211,7 +212,12 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype))
+        if use_fast_path(x):  # CUDA + Triton, reference not forced (minilora/kernels/dispatch.py)
+            from ..kernels.matmul import linear_4bit
+
+            y = linear_4bit(x.to(dtype), self.weight, self.quant_state)
+        else:
+            y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype))
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
