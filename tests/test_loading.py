@@ -157,11 +157,6 @@ def test_quantize_on_load_matches_transformers_bnb(setup):
     torch.testing.assert_close(our_model_logits(ours, quantize), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="minilora.quant.Linear8bit's LLM.int8 forward does not yet follow bitsandbytes' eval path on CPU "
-    "(MatMul8bitLt casts activations to float16): logits differ by ~3e-3",
-)
 def test_int8_outlier_forward_matches_bnb_eval(setup):
     _, quantize, _, _, _, expected_eval = setup
     if quantize != "int8":

@@ -124,7 +124,7 @@ def test_int8_forward_matches_bitsandbytes_with_outliers(threshold):
     with torch.no_grad():
         y_ours, y_theirs, y_float = ours(x), bnb_int8(linear, threshold)(x).float(), linear(x)
     scale = y_float.abs().max()
-    assert (y_ours - y_theirs).abs().max() / scale < 2e-3
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-6, atol=1e-6)
     # the mixed decomposition keeps the outlier columns exact: closer to the float layer than plain int8
     assert (y_ours - y_float).abs().max() / scale < 2e-2
 
