@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from minilora.io.checkpoint import atomic_write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
 from minilora.lora.targeting import find_targets, pattern_value
@@ -30,20 +30,6 @@ from minilora.lora.targeting import find_targets, pattern_value
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -77,11 +63,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     resolved = [path for path, layer in layers if name in layer.lora_A]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     data = config.to_peft_dict(resolved_targets=resolved)
     data["inference_mode"] = True  # peft's save_pretrained always records the saved adapter as inference-only
     text = json.dumps(data, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, text.encode("utf-8"))
+    atomic_write_bytes(directory / CONFIG_NAME, text.encode("utf-8"))
     return directory
 
 

@@ -22,7 +22,6 @@ import torch
 
 from .blockwise import _check_float_tensor
 
-
 # 1 / 127^2 as bitsandbytes writes it (6.200124e-05; the exact value is 6.2000124e-05). Using its constant
 # keeps our outputs within float rounding of its outputs, so that activation rounding downstream matches.
 INV_127_SQUARED = 6.200124e-05

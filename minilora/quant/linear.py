@@ -62,7 +62,15 @@ def _strip(prefix: str, tensors: dict[str, torch.Tensor], names: list[str]) -> d
     return {name: tensors[prefix + name] for name in names if prefix + name in tensors}
 
 
-class Linear4bit(nn.Module):
+class _BnbStateDict(nn.Module):
+    """state_dict() in bitsandbytes' key names: whatever the subclass's `bnb_state_dict(prefix)` returns."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for key, value in self.bnb_state_dict(prefix).items():  # type: ignore[attr-defined]
+            destination[key] = value if keep_vars else value.detach()
+
+
+class Linear4bit(_BnbStateDict):
     """A Linear whose weight is NF4/FP4 blockwise-quantized (optionally double-quantized)."""
 
     def __init__(
@@ -161,10 +169,6 @@ class Linear4bit(nn.Module):
             out[prefix + "bias"] = self.bias.data
         return out
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for key, value in self.bnb_state_dict(prefix).items():
-            destination[key] = value if keep_vars else value.detach()
-
     def _load_from_state_dict(
         self,
         state_dict: dict,
@@ -230,7 +234,7 @@ class Linear4bit(nn.Module):
         )
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(_BnbStateDict):
     """A Linear whose weight is int8 with one float32 scale per output row (LLM.int8)."""
 
     def __init__(
@@ -303,10 +307,6 @@ class Linear8bit(nn.Module):
         if self.bias is not None:
             out[prefix + "bias"] = self.bias.data
         return out
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for key, value in self.bnb_state_dict(prefix).items():
-            destination[key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(
         self,
