@@ -1,0 +1,127 @@
+"""Dispatch of the fast path (CPU-runnable): the reference runs on CPU, the switch forces it everywhere,
+and the Triton kernels compute the reference's function (checked in Triton's CPU interpreter)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import minilora.kernels as kernels
+from minilora.kernels import dispatch
+from minilora.quant import Linear4bit, dequantize_4bit, quantize_4bit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _restore_switch(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MINILORA_REFERENCE", raising=False)
+    saved = dispatch._forced
+    dispatch._forced = None
+    yield
+    dispatch._forced = saved
+
+
+def test_cpu_tensor_takes_the_reference() -> None:
+    assert not kernels.use_fast_path(torch.zeros(2))
+
+
+def test_cuda_tensor_takes_the_fast_path_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+    kernels.use_reference(True)
+    assert not kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+    kernels.use_reference(False)
+    assert kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+    with kernels.reference_mode():
+        assert not kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+    assert kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert not kernels.use_fast_path(FakeCuda())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value, forced", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_environment_variable_forces_the_reference(monkeypatch: pytest.MonkeyPatch, value: str, forced: bool) -> None:
+    monkeypatch.setenv("MINILORA_REFERENCE", value)
+    assert kernels.reference_forced() is forced
+    kernels.use_reference(False)  # an explicit call overrides the environment
+    assert not kernels.reference_forced()
+
+
+def test_dequantize_dispatcher_on_cpu_is_the_reference() -> None:
+    w = torch.randn(7, 96)
+    packed, state = quantize_4bit(w, 32, "nf4", True)
+    assert torch.equal(
+        kernels.dequantize_4bit(packed, state, torch.bfloat16), dequantize_4bit(packed, state, torch.bfloat16)
+    )
+
+
+def test_linear4bit_on_cpu_uses_the_reference_matmul() -> None:
+    torch.manual_seed(0)
+    layer = Linear4bit.from_weight(torch.randn(24, 64), blocksize=32)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    w = layer.dequantize(torch.float32)
+    torch.testing.assert_close(y, x @ w.T, rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 24) @ w, rtol=0, atol=0)
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from minilora.quant import dequantize_4bit, quantize_4bit
+    from minilora.kernels.dequant import dequantize_4bit_triton
+    from minilora.kernels.matmul import matmul_4bit_fused
+    torch.manual_seed(0)
+    # dequantize: bit-identical (float32 and float16; the interpreter truncates to bfloat16, the GPU rounds)
+    for shape, bs, qt, dq in [((5, 77), 64, "fp4", False), ((3, 333), 32, "nf4", True), ((2, 1030), 512, "nf4", True)]:
+        p, s = quantize_4bit(torch.randn(shape), bs, qt, dq)
+        for dt in (torch.float32, torch.float16):
+            assert torch.equal(dequantize_4bit(p, s, dt), dequantize_4bit_triton(p, s, dt)), (shape, bs, qt, dq, dt)
+    # fused matmul: within fp16 rounding of the float32 product with the reference weight
+    for (n, k), bs, dq, m, cfg in [((32, 128), 64, True, 3, (16, 16, 64)), ((40, 192), 64, False, 17, (32, 16, 64))]:
+        p, s = quantize_4bit(torch.randn(n, k), bs, "nf4", dq)
+        x = torch.randn(m, k).half()
+        ref = x.float() @ dequantize_4bit(p, s, torch.float16).float().T
+        cfg = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg))
+        got = matmul_4bit_fused(x, p, s, cfg).float()
+        assert float((got - ref).norm() / ref.norm()) < 2e-3
+    print("interpreted kernels ok")
+    """
+)
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
+def test_triton_kernels_in_the_cpu_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interpreted kernels ok" in done.stdout
+
+
+def test_chunked_cross_entropy_equals_full_cross_entropy() -> None:
+    from minilora.kernels.loss import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    weight = torch.randn(300, 16)
+    labels = torch.randint(0, 300, (2, 37))
+    labels[0, :5] = -100
+    loss = chunked_cross_entropy(hidden, weight, labels, chunk_rows=10)
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.T).reshape(-1, 300), labels.reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss, hidden)
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
