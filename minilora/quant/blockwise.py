@@ -37,11 +37,18 @@ from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, Qua
 CHUNK = 1 << 18
 
 
-def _check_float_tensor(x: torch.Tensor, what: str) -> None:
+def _check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None = None) -> None:
+    """ValueError for a non-float or empty tensor, or one holding NaN/Inf.
+
+    `absmax` (per block or per row, already computed by the caller) makes the finiteness check cheap: a
+    NaN or Inf anywhere shows in its block's absmax, and only then is the tensor itself searched.
+    """
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{what}: dtype {x.dtype} is not one of float32, float16, bfloat16")
     if x.numel() == 0:
         raise ValueError(f"{what}: tensor of shape {tuple(x.shape)} is empty")
+    if absmax is not None and bool(torch.isfinite(absmax).all()):
+        return
     if not bool(torch.isfinite(x).all()):
         bad = (~torch.isfinite(x.reshape(-1))).nonzero()[0, 0].item()
         raise ValueError(f"{what}: tensor holds NaN or Inf (first at flat index {bad}: {x.reshape(-1)[bad].item()})")
@@ -150,8 +157,9 @@ def quantize_4bit(
         raise ValueError(f"quant_type {quant_type!r} is not one of {QUANT_TYPES}")
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
-    _check_float_tensor(x, "quantize_4bit")
+    _check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
     q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type)
+    _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # NaN/Inf show in their block's absmax
     packed = pack_4bit(q, pad_index=_index_of_zero(quant_type))
     state = QuantState(
         absmax=absmax,
@@ -184,21 +192,30 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype).
 
     Each byte is looked up once in a 256-entry table of value pairs, which unpacks and decodes in one step.
+    The work goes in chunks of whole blocks, so the float32 scratch stays small whatever the output dtype.
     """
-    n = state.numel
+    n, blocksize = state.numel, state.blocksize
     if packed.numel() * 2 < n:
         raise ValueError(
             f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
         )
     absmax = dequantize_absmax(state)
     table = _byte_table(state.code.to(packed.device).float())
-    values = F.embedding(packed.reshape(-1).int(), table).view(-1)[:n]  # (n,) float32
-    full = n - n % state.blocksize
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize, None]).view(-1)
-    if full < n:
-        out[full:] = values[full:] * absmax[-1]
-    return out.view(state.shape).to(dtype or state.dtype)
+    packed = packed.reshape(-1)
+    out = torch.empty(n, dtype=dtype or state.dtype, device=packed.device)
+    step = 4 * CHUNK  # a multiple of every blocksize, and even
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        values = F.embedding(packed[start // 2 : (stop + 1) // 2].int(), table).view(-1)[: stop - start]
+        full = (stop - start) - (stop - start) % blocksize
+        first_block = start // blocksize
+        chunk = out[start:stop]
+        chunk[:full] = (
+            values[:full].view(-1, blocksize) * absmax[first_block : first_block + full // blocksize, None]
+        ).view(-1)
+        if full < stop - start:  # the partial last block of the tensor
+            chunk[full:] = values[full:] * absmax[-1]
+    return out.view(state.shape)
 
 
 # ---- 8-bit blockwise quantization, used for double quantization ----------------------------------------

@@ -31,9 +31,10 @@ def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """(CB int8 [out, in], SCB float32 [out]) with CB = round(W * 127 / SCB) per row."""
     if weight.dim() != 2:
         raise ValueError(f"int8 weights must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    _check_float_tensor(weight, "quantize_int8_rowwise")
+    _check_float_tensor(weight, "quantize_int8_rowwise", absmax=torch.zeros(1))
     w16 = weight.detach().to(torch.float16)
     scb = w16.abs().amax(dim=1).float()  # (out,)
+    _check_float_tensor(weight, "quantize_int8_rowwise", absmax=weight.detach().abs().amax(dim=1))
     safe = torch.where(scb == 0, torch.ones_like(scb), scb)
     cb = torch.round(w16 * (127.0 / safe).unsqueeze(1)).to(torch.int8)  # (out, in)
     return cb, scb
