@@ -201,6 +201,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure minilora with torch.compile per block")
+    parser.add_argument(
+        "--cudagraphs", action="store_true", help="also torch.compile per block with mode='reduce-overhead'"
+    )
+    parser.add_argument("--skip-eager", action="store_true", help="skip minilora eager and the loss match")
     args = parser.parse_args()
     env = environment()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -238,19 +242,52 @@ def main() -> None:
     t = time.perf_counter()
     model = build_minilora(args.layers)
     record["build_minilora_s"] = time.perf_counter() - t
-    for b, s in WORKLOADS:
-        add("minilora", measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, args.warmup, args.steps))
-    record["loss_match"] = loss_match(20)
-    print(f"loss match: max abs diff {record['loss_match']['max_abs_diff']:.2e}", flush=True)
+    if not args.skip_eager:
+        for b, s in WORKLOADS:
+            add("minilora", measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, args.warmup, args.steps))
+        record["loss_match"] = loss_match(20)
+        print(f"loss match: max abs diff {record['loss_match']['max_abs_diff']:.2e}", flush=True)
     if args.compile:
+        # Per decoder block, static shapes. The 4-bit linear is a torch.library custom op (fake + autograd
+        # registered), so a block traces whole; the blocks share one compiled code object (parameters and
+        # buffers are graph inputs), with one variant per input requires_grad (block 0's input does not
+        # require grad) and per workload shape. The limit is raised so that this never falls back to eager.
+        import torch._dynamo as dynamo
+        from torch._dynamo.utils import counters
+
+        dynamo.config.recompile_limit = 64
+        counters.clear()
         try:
             for layer in model.model.layers:
-                layer.compile()
+                layer.compile(dynamic=False)
             for b, s in WORKLOADS:
-                add("minilora+compile", measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, 3, args.steps))
+                t = time.perf_counter()
+                res = measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, 3, args.steps)
+                res["wall_incl_compile_s"] = time.perf_counter() - t
+                add("minilora+compile", res)
+            record["compile_stats"] = {
+                "unique_graphs": counters["stats"].get("unique_graphs", 0),
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "graph_break_reasons": list(counters["graph_break"])[:10],
+                "recompiles": counters["recompiles"] if "recompiles" in counters else {},
+            }
+            print("compile stats:", record["compile_stats"], flush=True)
         except Exception as err:  # report, do not hide: the compiled variant is optional
             record["compile_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
             print("compile failed:", record["compile_error"][:500], flush=True)
+    if args.cudagraphs:
+        # Same, with CUDA graphs (cudagraph trees): removes the host launch cost that bounds the step.
+        try:
+            for layer in model.model.layers:
+                layer.compile(dynamic=False, mode="reduce-overhead")
+            for b, s in WORKLOADS:
+                t = time.perf_counter()
+                res = measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, 3, args.steps)
+                res["wall_incl_compile_s"] = time.perf_counter() - t
+                add("minilora+compile+cudagraphs", res)
+        except Exception as err:  # report, do not hide: the variant is optional
+            record["cudagraphs_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+            print("cudagraphs failed:", record["cudagraphs_error"][:800], flush=True)
     model = None
     free()
     write_results(args.out, "qlora-h200", record, render(record))
@@ -276,6 +313,9 @@ def render(r: dict) -> str:
         )
     lm = r.get("loss_match", {})
     compiled = "ok" if any(x["stack"].endswith("compile") for x in r["runs"]) else "not run"
+    graphed = "ok" if any("cudagraphs" in x["stack"] for x in r["runs"]) else "not run"
+    if "compile_stats" in r:
+        compiled += f" ({r['compile_stats']})"
     return "\n".join(
         [
             "# QLoRA training step, Llama-3.1-8B shapes (random weights), one run\n",
@@ -291,6 +331,7 @@ def render(r: dict) -> str:
             f"max |fast - reference| = {lm.get('max_abs_diff', float('nan')):.2e} "
             f"(relative {lm.get('max_rel_diff', float('nan')):.2e}).\n",
             f"\ncompile: {r.get('compile_error', compiled)}\n",
+            f"\ncudagraphs: {r.get('cudagraphs_error', graphed)}\n",
         ]
     )
 

@@ -13,7 +13,6 @@ can import it without a cycle.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -21,6 +20,10 @@ from collections.abc import Iterator
 import torch
 
 _forced: bool | None = None  # set by use_reference(); None means "read the environment"
+# Whether triton can be imported: looked up once, at import (find_spec does not import it). A plain
+# constant rather than a lazy or functools.cache'd lookup: torch.compile reads it without tracing into
+# importlib (a lookup first made inside a compiled region was a graph break, benchmarks/gpu/NOTES.md).
+_triton: bool = importlib.util.find_spec("triton") is not None
 
 
 def _env_forces_reference() -> bool:
@@ -53,10 +56,9 @@ def reference_mode(force: bool = True) -> Iterator[None]:
         _forced = previous
 
 
-@functools.cache
 def triton_available() -> bool:
-    """Whether `import triton` would succeed (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether `import triton` would succeed (checked once, at import, without importing it)."""
+    return _triton
 
 
 def use_fast_path(x: torch.Tensor) -> bool:

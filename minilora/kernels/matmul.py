@@ -1,18 +1,16 @@
 """Triton kernels: y = x @ W.T with W an NF4/FP4 (optionally double-quantized) packed weight, and the
 autograd function that uses them for a frozen 4-bit base layer (QLoRA section 3).
 
-Two ways to compute the forward (default today: dequantize + cuBLAS for every M, because the fused
-kernel measured slower on the H200 -- benchmarks/gpu/NOTES.md; `DECODE_MAX_M` and `TRAIN_STRATEGY`
-switch it back on):
+How the forward is computed (benchmarks/gpu/NOTES.md has the figures that set the defaults):
 
-* decode, M <= 16 (`_matmul_4bit_kernel` with small tiles): memory-bound. Each program owns BLOCK_N
-  weight rows, streams their packed bytes once, dequantizes a (BLOCK_N, BLOCK_K) tile in registers and
-  multiplies it with the (<= 16)-row activation tile on the tensor cores (rows padded to 16). The weight
-  is read once, as 4-bit codes: about 1/4 of the bytes a bf16 F.linear reads.
-* training, M > 16: either the same fused kernel with large tiles (the weight tile is the MMA's A
-  operand, so the dequantized values stay in registers; no float weight in memory), or the fast
-  dequantize kernel into a temporary bf16 weight followed by cuBLAS `F.linear`. `TRAIN_STRATEGY` picks
-  one; benchmarks/gpu measures both (NOTES.md has the figures that set the default).
+* decode, M <= DECODE_MAX_M: the GEMV kernel of gemv.py (reads the packed weight once).
+* otherwise: the fast dequantize kernel into a temporary weight in the compute dtype, then cuBLAS
+  `F.linear` (TRAIN_STRATEGY = "dequant", the default), or the fused kernel below ("fused", opt-in: it
+  measured 12-17x slower on the H200). The fused kernel (`_matmul_4bit_kernel`) dequantizes a weight tile
+  in registers and uses it as the MMA's A operand (no float weight in memory).
+
+`linear_4bit` wraps the forward and its backward as torch.library custom operators (fake and autograd
+registered) so that torch.compile traces through them.
 
 The dequantized tile equals the reference weight bit for bit (same float32 operations, no FMA fusion,
 cast to the compute dtype); the products and sums then run on the tensor cores in float32 accumulation,
@@ -31,12 +29,14 @@ import triton.language as tl
 
 from ..quant.state import QuantState
 from .dequant import _state_pointers, dequantize_4bit_triton
+from .gemv import gemv_4bit, gemv_supported
 
 # "dequant": fast dequantize to the compute dtype + cuBLAS; "fused": the Triton kernel for every M.
 TRAIN_STRATEGY = "dequant"
-# Largest M that takes the fused decode kernel. 0 = never: on the H200 the fused kernel measured far
-# slower than dequantize + cuBLAS at every M (benchmarks/gpu/NOTES.md), so it is opt-in until fixed.
-DECODE_MAX_M = 0
+# Largest M that takes the GEMV decode kernel (gemv.py); above it, dequantize + cuBLAS (or "fused").
+# The crossover measured on the H200 lies between M = 4 and 8 on all three Llama-8B shapes
+# (benchmarks/gpu/NOTES.md, gemv section). 0 = never.
+DECODE_MAX_M = 4
 # Inside the fused kernel: up to this M, small decode tiles (BLOCK_M = 16); above, training tiles.
 DECODE_TILE_MAX_M = 16
 # Autotune the tiles once per (N, K, blocksize) on first use; False takes the fixed defaults below
@@ -183,30 +183,141 @@ def matmul_4bit_fused(
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, strategy: str | None = None) -> torch.Tensor:
-    """x @ W.T on the GPU: the decode kernel for M <= 16, else `strategy` ("dequant" or "fused")."""
+    """x @ W.T on the GPU: the GEMV kernel for M <= DECODE_MAX_M, else `strategy` ("dequant" or "fused")."""
     strategy = strategy or TRAIN_STRATEGY
     m = x.numel() // max(1, x.shape[-1])
-    if fused_supported(x, state) and (m <= DECODE_MAX_M or strategy == "fused"):
+    if m <= DECODE_MAX_M and gemv_supported(x, state):
+        return gemv_4bit(x, packed, state)
+    if strategy == "fused" and fused_supported(x, state):
         return matmul_4bit_fused(x, packed, state)
     return F.linear(x, dequantize_4bit_triton(packed, state, x.dtype))
 
 
-class _Linear4bitFunction(torch.autograd.Function):
-    """Forward with `matmul_4bit`; backward grad_input = grad_out @ W, W rebuilt by the dequantize kernel."""
+# ---- torch.library custom ops: what torch.compile sees ---------------------------------------------
+# The 4-bit linear is registered as an operator with a fake (shape-only) implementation and an autograd
+# formula, so Dynamo traces a model through it without a graph break: the Triton launch happens inside
+# the operator, opaque to the compiler. A QuantState is not a tensor: it travels as its tensors plus
+# integers. Off CUDA the operators run the plain-PyTorch reference.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:  # type: ignore[override]
-        ctx.packed, ctx.state = packed, state
+
+def _state_from(
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> QuantState:
+    from ..quant.state import NestedState
+
+    state2 = None if nested_absmax is None else NestedState(nested_absmax, nested_code, nested_blocksize)  # type: ignore[arg-type]
+    return QuantState(
+        absmax=absmax,
+        shape=torch.Size((n, k)),
+        code=code,
+        blocksize=blocksize,
+        quant_type="nf4",  # not read by the kernels: the code table is what decodes
+        dtype=torch.float32,
+        offset=offset,
+        state2=state2,
+    )
+
+
+@torch.library.custom_op("minilora::dequantize_4bit", mutates_args=())
+def _dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested_blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    state = _state_from(absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
+    if packed.is_cuda:
+        return dequantize_4bit_triton(packed, state, dtype)
+    from ..quant.blockwise import dequantize_4bit
+
+    return dequantize_4bit(packed, state, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, dtype):  # type: ignore[no-untyped-def]
+    return packed.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.custom_op("minilora::matmul_4bit", mutates_args=())
+def _matmul_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    state = _state_from(absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
+    if x.is_cuda:
         return matmul_4bit(x, packed, state)
+    from ..quant.blockwise import dequantize_4bit
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        weight = dequantize_4bit_triton(ctx.packed, ctx.state, grad_out.dtype)  # (N, K), dropped on return
-        return grad_out @ weight, None, None
+    return F.linear(x, dequantize_4bit(packed, state, x.dtype))
+
+
+@_matmul_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _matmul_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize = inputs
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset)
+    ctx.meta = (n, k, blocksize, nested_blocksize)
+
+
+def _matmul_backward(ctx, grad_out: torch.Tensor) -> tuple:  # type: ignore[no-untyped-def]
+    """grad_input = grad_out @ W, W rebuilt by the dequantize kernel (frozen base: no weight gradient)."""
+    packed, absmax, code, nested_absmax, nested_code, offset = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight = _dequantize_op(
+            packed, absmax, code, nested_absmax, nested_code, offset, *ctx.meta, dtype=grad_out.dtype
+        )  # (N, K), dropped on return
+        grad_x = grad_out @ weight
+    return (grad_x,) + (None,) * 10
+
+
+_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """y = x @ W.T for a frozen 4-bit W, differentiable in x: the fast twin of Linear4bit's reference matmul."""
-    return _Linear4bitFunction.apply(x, packed, state)
+    """y = x @ W.T for a frozen 4-bit W, differentiable in x: the fast twin of Linear4bit's reference matmul.
+
+    One `torch.ops.minilora.matmul_4bit` call: traceable by torch.compile (fake + autograd registered).
+    """
+    n, k = state.shape
+    s2 = state.state2
+    return _matmul_op(
+        x,
+        packed,
+        state.absmax,
+        state.code,
+        None if s2 is None else s2.absmax,
+        None if s2 is None else s2.code,
+        state.offset,
+        n,
+        k,
+        state.blocksize,
+        256 if s2 is None else s2.blocksize,
+    )

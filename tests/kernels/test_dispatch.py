@@ -96,6 +96,15 @@ _INTERPRETED = textwrap.dedent(
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), cfg))
         got = matmul_4bit_fused(x, p, s, cfg).float()
         assert float((got - ref).norm() / ref.norm()) < 2e-3
+    # GEMV decode kernel: M = 1..16 rows, fp16 x (the interpreter truncates bf16), within fp16 rounding
+    from minilora.kernels.gemv import gemv_4bit
+    cases = [((20, 256), 64, "nf4", True, 1), ((33, 512), 32, "fp4", False, 3), ((8, 1024), 256, "nf4", True, 16)]
+    for (n, k), bs, qt, dq, m in cases:
+        p, s = quantize_4bit(torch.randn(n, k), bs, qt, dq)
+        x = torch.randn(m, k).half()
+        ref = x.float() @ dequantize_4bit(p, s, torch.float32).T
+        got = gemv_4bit(x, p, s).float()
+        assert got.shape == (m, n) and float((got - ref).norm() / ref.norm()) < 1e-3, ((n, k), m)
     print("interpreted kernels ok")
     """
 )
@@ -125,3 +134,41 @@ def test_chunked_cross_entropy_equals_full_cross_entropy() -> None:
     (g,) = torch.autograd.grad(loss, hidden)
     (g_ref,) = torch.autograd.grad(ref, hidden)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_linear4bit_custom_op_compiles_without_graph_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's operator (minilora::matmul_4bit) passes opcheck and traces with fullgraph=True.
+
+    On CPU the operator runs the reference; dispatch is forced onto it to exercise the traced path.
+    """
+    import minilora.quant.linear as linear_mod
+    from minilora.kernels import matmul
+
+    torch.manual_seed(0)
+    packed, state = quantize_4bit(torch.randn(24, 128), 64, "nf4", True)
+    x = torch.randn(3, 128, requires_grad=True)
+    args = (x, packed, state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset, 24, 128, 64, 256)
+    torch.library.opcheck(matmul._matmul_op, args)
+
+    layer = Linear4bit.from_weight(torch.randn(48, 128), compute_dtype=torch.float32)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    y_ref = layer(x)
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    monkeypatch.setattr(linear_mod, "use_fast_path", lambda t: True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)
+    y = compiled(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-5)
+
+
+def test_dispatch_checks_trace_without_graph_breaks() -> None:
+    """torch.compile(fullgraph=True) reads the dispatch switches as constants (no importlib, no lru_cache)."""
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if dispatch.triton_available() and not dispatch.reference_forced() else x - 1
+
+    expected = 1.0 if dispatch.triton_available() and not dispatch.reference_forced() else -1.0
+    assert float(pick(torch.zeros(()))) == expected
