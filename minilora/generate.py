@@ -1,0 +1,240 @@
+"""Text generation with the KV cache: greedy or sampled (temperature, top-p), streaming, stop tokens.
+
+Decoding is the autoregressive loop of GPT-2 (Radford et al. 2019), with keys and values of past
+positions kept in a pre-allocated cache (minilora.models.llama.KVCache) so each new token costs one
+position, not the whole sequence:
+
+    prefill:  logits = model(prompt, cache)            # cache holds the prompt's k/v
+    repeat:   next = pick(logits[-1]);  yield next;  logits = model([next], cache)
+
+pick = argmax (greedy, ``temperature=0``), or a sample from softmax(logits / temperature) restricted to
+the smallest set of tokens whose probability mass reaches ``top_p`` (nucleus sampling, Holtzman et al.
+2020, section 3.1). Sampling draws from a ``torch.Generator`` seeded by ``seed``, so a seed reproduces
+the text. Generation stops after ``max_new_tokens`` or at the first EOS / stop id (which is returned but
+not decoded into the text).
+
+Only the last position's hidden state goes through the output head: the prompt's other logits are
+never used, and with a large vocabulary the head is a large share of a small model's cost.
+
+    >>> for piece in stream_text(model, tokenizer, "Price is $", max_new_tokens=8):   # doctest: +SKIP
+    ...     print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.models.llama import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _last_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) of the last position, filling the cache; only that position meets the output head."""
+    if hasattr(model, "model") and hasattr(model, "lm_head"):
+        hidden = model.model(ids, attention_mask=mask, cache=cache)  # (B, T, C)
+        return model.lm_head(hidden[:, -1]).float()
+    return model(ids, attention_mask=mask, cache=cache)[:, -1].float()
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the nucleus: the smallest top set with probability >= top_p.
+
+    The most likely token is always kept. Works on (..., V).
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    # drop a token when the mass BEFORE it already reaches top_p
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def pick_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) float logits -> (B,) token ids: argmax, or a temperature / top-p sample."""
+    if config.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(top_p_filter(logits / config.temperature, config.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _stop_set(eos_token_id: int | Sequence[int] | None, config: SamplingConfig) -> set[int]:
+    stops = set(config.stop_ids)
+    if isinstance(eos_token_id, int):
+        stops.add(eos_token_id)
+    elif eos_token_id is not None:
+        stops.update(int(e) for e in eos_token_id)
+    return stops
+
+
+@torch.no_grad()
+def stream_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    config: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one as they are produced (batch of one). A stop id is yielded, then it ends."""
+    config = config or SamplingConfig()
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)  # (1, T)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
+    param = next(model.parameters())
+    ids = ids.to(param.device)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    total = ids.shape[1] + config.max_new_tokens
+    if max_pos is not None and total > max_pos:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({config.max_new_tokens}) > {max_pos} positions")
+    cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
+    cache = KVCache(model.config, 1, total, dtype=cache_dtype, device=param.device)
+    generator = None
+    if config.temperature > 0:
+        generator = torch.Generator(device=param.device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    stops = _stop_set(eos_token_id, config)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = _last_logits(model, ids, None, cache)
+        for i in range(config.max_new_tokens):
+            token = int(pick_next(logits, config, generator)[0])
+            yield token
+            if token in stops or i == config.max_new_tokens - 1:
+                return
+            logits = _last_logits(model, torch.tensor([[token]], device=param.device), None, cache)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    config: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> list[int]:
+    """The new token ids (a stop id, if reached, is the last one); ``callback`` sees each as it comes."""
+    out = []
+    for token in stream_tokens(model, prompt_ids, config, eos_token_id):
+        out.append(token)
+        if callback is not None:
+            callback(token)
+    return out
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: object,
+    prompt: str,
+    config: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> Iterator[str]:
+    """Yield the generated text piece by piece; the pieces join to ``generate_text``'s result.
+
+    Each piece is the growth of ``decode(new tokens so far)``; a piece ending in an incomplete UTF-8
+    character (decoded as U+FFFD) is held back until the next token completes it. Stop ids are not decoded.
+    """
+    config = config or SamplingConfig()
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id  # type: ignore[attr-defined]
+    stops = _stop_set(eos, config)
+    ids = tokenizer.encode(prompt)  # type: ignore[attr-defined]
+    new: list[int] = []
+    emitted = ""
+    for token in stream_tokens(model, ids, config, eos):
+        if token in stops:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)  # type: ignore[attr-defined]
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(emitted):
+            piece, emitted = text[len(emitted) :], text
+            if piece:
+                yield piece
+    text = tokenizer.decode(new)  # type: ignore[attr-defined]
+    if text.startswith(emitted) and len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: object,
+    prompt: str,
+    config: SamplingConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> str:
+    """The generated continuation of ``prompt`` as text (stop ids excluded)."""
+    return "".join(stream_text(model, tokenizer, prompt, config, eos_token_id))
+
+
+@torch.no_grad()
+def greedy_batch(
+    model: nn.Module,
+    prompts: Iterable[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (left padding, one shared cache).
+
+    Returns each prompt's new ids, cut after its first stop id (included). One batched forward per new
+    token instead of one per prompt: with a quantized base, each forward rebuilds every weight, so
+    batching divides that cost by the batch size.
+    """
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("greedy_batch needs at least one prompt and no empty prompt")
+    param = next(model.parameters())
+    device = param.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = torch.tensor(p, device=device)
+        mask[i, T - len(p) :] = 1
+    stops = _stop_set(eos_token_id, SamplingConfig())
+    cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
+    cache = KVCache(model.config, B, T + max_new_tokens, dtype=cache_dtype, device=device)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    try:
+        logits = _last_logits(model, ids, mask, cache)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(dim=-1)  # (B,)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t in stops
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
+            logits = _last_logits(model, nxt[:, None], mask, cache)
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,411 @@
+"""The fine-tuning loop: AdamW on the adapter only, warmup + cosine, accumulation, clipping, checkpoints.
+
+QLoRA (Dettmers et al. 2023, section 3) trains only the LoRA matrices; the (quantized) base is frozen.
+One optimizer step here is
+
+    for each of grad_accum micro-batches:       loss_i = sum of token cross-entropies / N_step
+        loss_i.backward()                        (N_step = completion tokens in the whole step)
+    clip_grad_norm_(adapter params, max_grad_norm)
+    AdamW step (lr from linear warmup then cosine decay), zero grads
+
+so the step's loss is the mean over every completion token of the step, the same number transformers'
+causal-LM loss gives for one batch (labels shifted by one, -100 ignored), whatever the accumulation.
+Only the positions that carry a label go through the output head: with a 49k vocabulary that head
+costs more than the rest of a small model, and prompt positions contribute nothing to the loss anyway.
+
+Schedule (per optimizer step s, 0-based; ``total`` = max_steps):
+
+    s <  warmup:  lr = base * (s + 1) / warmup
+    s >= warmup:  lr = base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup))))
+
+Determinism and resume: the seed fixes the adapter init (set by the caller before ``add_lora``), the
+data order (epoch e is shuffled with seed (seed, e)) and dropout. A checkpoint stores adapter, optimizer,
+scheduler, every RNG and the data position (minilora.train.checkpoint); ``resume=True`` restores them all,
+so a run killed and resumed ends with the same adapter bytes and the same loss curve as one never stopped.
+``metrics.jsonl`` is cut back to the checkpoint's step on resume, so the curve holds each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.train import checkpoint as ckpt_io
+from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
+from minilora.train.weight_cache import cached_dequantize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of one fine-tuning run."""
+
+    output_dir: str = "runs/finetune"
+    max_steps: int = 100  # optimizer steps; 0 means "epochs passes over the data"
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    bf16: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "yes" / "no" to force
+    cache_base_weights: bool = False  # dequantize the frozen base once (faster, float-size memory)
+    eval_every: int = 0  # steps; 0: only at the end (if there is eval data)
+    eval_batch_size: int = 16
+    save_every: int = 0  # steps; 0: no intermediate checkpoints
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+    plot: bool = True
+    save_final_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.bf16 not in ("auto", "yes", "no"):
+            raise ValueError(f"TrainConfig.bf16 must be 'auto', 'yes' or 'no', got {self.bf16!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    output_dir: Path
+    adapter_dir: Path | None
+    metrics_path: Path
+    plot_path: Path | None
+    wall_s: float
+    tokens: int
+    resumed_from: int | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def seed_everything(seed: int) -> None:
+    """Seed Python's random, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (requires_grad), in model order; refuses a model with none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; add an adapter first (minilora.lora.add_lora)")
+    return params
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropies over target tokens, their count), labels shifted by one, -100 ignored.
+
+    Only the hidden states at target positions go through the output head (see the module docstring).
+    """
+    labels = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = labels != IGNORE_INDEX  # (B, T-1)
+    n = int(keep.sum())
+    mask = batch.attention_mask
+    if batch.position_ids is None and bool(mask.all()):
+        mask = None  # no padding: let attention take its causal fast path
+    if hasattr(model, "model") and hasattr(model, "lm_head"):
+        hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)  # (B, T, C)
+        logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)
+    else:
+        logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)[:, :-1][keep]
+    loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return loss_sum, n
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    use = config.bf16 == "yes" or (config.bf16 == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    config: TrainConfig | None = None,
+) -> float:
+    """Mean cross-entropy over every completion token of ``examples`` (model left in its previous mode)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in eval_batches(examples, batch_size, pad_token_id):
+            with _autocast(config or TrainConfig(), device):
+                loss_sum, n = causal_lm_loss(model, batch.to(device))
+            total += float(loss_sum)
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation examples hold no completion tokens")
+    return total / count
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_loss_curve(
+    metrics: list[dict[str, Any]], path: str | os.PathLike, title: str = "training loss"
+) -> Path | None:
+    """Write the train (and eval) loss curve as a PNG; returns None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no loss-curve PNG (pip install 'minilora[demo]')")
+        return None
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (completion tokens)", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class _Progress:
+    """tqdm when installed and wanted, else nothing (the metrics file still records every step)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(
+    model: nn.Module,
+    train_examples: Sequence[Example],
+    config: TrainConfig,
+    eval_examples: Sequence[Example] | None = None,
+    pad_token_id: int = 0,
+    resume: bool | str | os.PathLike = False,
+) -> TrainResult:
+    """Fine-tune the model's trainable (adapter) parameters; see the module docstring.
+
+    resume: False starts fresh (an existing metrics.jsonl is overwritten); True continues from the newest
+        complete checkpoint under ``config.output_dir`` (fresh start when there is none); a path resumes
+        from that checkpoint directory. The model must carry the same LoRA settings as the stopped run.
+    """
+    t_start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    params = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
+    order = DataOrder(train_examples, config.batch_size, seed=config.seed, pad_token_id=pad_token_id)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio)
+    )
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = config.gradient_checkpointing
+
+    metrics_path = out / "metrics.jsonl"
+    start_step, tokens_seen, resumed_from = 0, 0, None
+    ckpt_io.clean_temp_dirs(out)
+    ckpt = None
+    if resume is True:
+        ckpt = ckpt_io.latest_checkpoint(out)
+        if ckpt is None:
+            logger.info("no checkpoint under %s: starting from step 0", out)
+    elif resume:
+        path = Path(resume)
+        m = ckpt_io._NAME.match(path.name)
+        if not (m and (path / ckpt_io.STATE_NAME).is_file()):
+            raise ValueError(f"{path}: not a complete checkpoint directory (checkpoint-N with {ckpt_io.STATE_NAME})")
+        ckpt = ckpt_io.CheckpointPaths(path, int(m.group(1)))
+    if ckpt is not None:
+        state = ckpt_io.load_checkpoint_state(ckpt)
+        ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.set_rng_state(state["rng"])
+        order.load_state_dict(state["trainer_state"]["data"])
+        start_step = resumed_from = ckpt.step
+        tokens_seen = int(state["trainer_state"].get("tokens", 0))
+        kept = [m for m in read_metrics(metrics_path) if m.get("step", 0) <= start_step]
+        _rewrite_metrics(metrics_path, kept)
+        logger.info("resumed from %s (step %d)", ckpt.directory, start_step)
+    else:
+        _rewrite_metrics(metrics_path, [])
+
+    model.train()
+    weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
+    progress = _Progress(config.progress, total_steps, start_step)
+    losses = [m["loss"] for m in read_metrics(metrics_path) if "loss" in m]
+    eval_loss = None
+    step = start_step
+    with weight_cache, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+
+        def log(record: dict[str, Any]) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [order.next_batch().to(device) for _ in range(config.grad_accum)]
+            n_step = sum(b.n_target_tokens for b in micro)
+            if n_step == 0:
+                raise ValueError(f"step {step}: the batch holds no completion tokens (all labels are -100)")
+            loss_total = 0.0
+            for batch in micro:
+                with _autocast(config, device):
+                    loss_sum, _ = causal_lm_loss(model, batch)
+                (loss_sum / n_step).backward()
+                loss_total += float(loss_sum.detach())
+            grad_norm = None
+            if config.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = sum(b.n_tokens for b in micro)
+            tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            loss = loss_total / n_step
+            losses.append(loss)
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "epoch": order.epoch + order.index / order.batches_per_epoch,
+                "tokens": tokens_seen,
+                "tokens_per_s": step_tokens / dt,
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            if step % config.log_every == 0 or step == total_steps:
+                log(record)
+            progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
+            if eval_examples and ((config.eval_every and step % config.eval_every == 0) or (step == total_steps)):
+                eval_loss = evaluate(model, eval_examples, config.eval_batch_size, pad_token_id, config)
+                log({"step": step, "eval_loss": eval_loss})
+                logger.info("step %d: eval loss %.4f", step, eval_loss)
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                metrics_file.flush()
+                os.fsync(metrics_file.fileno())
+                trainer_state = {"data": order.state_dict(), "tokens": tokens_seen, "config": _jsonable(config)}
+                ckpt_io.save_checkpoint(out, step, model, optimizer, scheduler, trainer_state, config.keep_last)
+    progress.close()
+
+    adapter_dir = None
+    if config.save_final_adapter:
+        from minilora.lora import save_adapter
+
+        adapter_dir = save_adapter(model, out / "adapter")
+    metrics = read_metrics(metrics_path)
+    plot_path = plot_loss_curve(metrics, out / "loss_curve.png") if config.plot else None
+    model.eval()
+    return TrainResult(
+        steps=step,
+        final_loss=losses[-1] if losses else float("nan"),
+        eval_loss=eval_loss,
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        metrics_path=metrics_path,
+        plot_path=plot_path,
+        wall_s=time.perf_counter() - t_start,
+        tokens=tokens_seen,
+        resumed_from=resumed_from,
+        losses=losses,
+    )
+
+
+def _jsonable(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    from minilora.io.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
