@@ -1,0 +1,7 @@
+"""`python -m benchmarks <suite> [--smoke] [--out DIR]`: see benchmarks/run.py."""
+
+import sys
+
+from benchmarks.run import main
+
+sys.exit(main(sys.argv[1:]))

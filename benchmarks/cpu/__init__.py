@@ -1,0 +1,1 @@
+"""CPU benchmark suites: quant, quality, speed, loading (one module each) and their shared helpers."""

@@ -1,0 +1,306 @@
+"""Shared helpers of the CPU suites: environment record, timing, peak memory, child processes, result files.
+
+Timing: `bench` warms up, then takes the median of repeats (CPU work is synchronous; no sync needed).
+Peak memory: `PeakRSS` resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`) and reads
+`VmHWM` from /proc/self/status afterwards, so it measures the resident memory a block of code added at its
+peak, allocator included (what a user sees in `top`). Work that must not share a process with anything
+else (loading a model, a training step) runs in a child process through `run_child`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    """Command line, hardware, versions and date of this run."""
+    env: dict[str, Any] = {
+        "command": "python -m benchmarks " + " ".join(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for name in ("bitsandbytes", "transformers", "peft", "minilora"):
+        env[name] = package_version(name)
+    return env
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def bench(fn: Callable[[int], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Median wall time of fn(i) over `repeats` calls after `warmup` calls; i rotates inputs."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(warmup + i)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def bench_pair(fns: dict[str, Callable[[int], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Like `bench` for several functions, interleaved call by call (a, b, a, b, ...).
+
+    On a shared machine the load changes from second to second; interleaving gives every library the
+    same conditions, so their ratio is fairer than that of two separate runs.
+    """
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(warmup + i)
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """`with PeakRSS() as peak: ...` then `peak.extra` (bytes above the RSS at entry) and `peak.total`.
+
+    With `sample_anon=True` a thread also samples RssAnon (heap memory, without the file pages of
+    memory-mapped checkpoints that VmHWM includes) every 10 ms: `peak.anon_extra`.
+    """
+
+    def __init__(self, sample_anon: bool = False) -> None:
+        self.sample_anon = sample_anon
+        self.anon_extra = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._anon_peak = max(self._anon_peak, _rss_anon())
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> PeakRSS:
+        if self.sample_anon:
+            import threading
+
+            self._anon_start = self._anon_peak = _rss_anon()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then covers the whole process
+        self.start = _status().get("VmRSS", 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sample_anon:
+            self._stop.set()
+            self._thread.join()
+            self.anon_extra = max(0, max(self._anon_peak, _rss_anon()) - self._anon_start)
+        status = _status()
+        self.total = status.get("VmHWM", 0)
+        self.extra = max(0, self.total - self.start)
+        self.end = status.get("VmRSS", 0)
+
+
+def run_child(suite: str, task: str, args: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run `benchmarks.cpu.<suite>.child_<task>(**args)` in a fresh Python; return its JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.cpu.child", suite, task, json.dumps(args)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"child {suite}.{task} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def progress(items: Iterable[Any], desc: str, total: int | None = None) -> Iterator[Any]:
+    """tqdm on stderr when installed, else a plain line per item."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        items = list(items)
+        for i, item in enumerate(items):
+            print(f"{desc}: {i + 1}/{len(items)}", file=sys.stderr, flush=True)
+            yield item
+        return
+    yield from tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- results
+def fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 0.01:
+            return f"{v:.3g}"
+        return f"{v:.3e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(ratio: float, lower_is_better: bool = True, what: str = "time") -> str:
+    """A plain word on a minilora / reference ratio: 'minilora faster' or 'minilora SLOWER'."""
+    better = ratio < 1 if lower_is_better else ratio > 1
+    if abs(ratio - 1) < 0.03:
+        return "on par"
+    words = {"time": ("faster", "SLOWER"), "memory": ("lighter", "HEAVIER"), "rate": ("faster", "SLOWER")}
+    good, bad = words[what]
+    return f"minilora {good}" if better else f"minilora {bad}"
+
+
+class Report:
+    """Tables and figures of one suite run; `write()` saves <suite>-cpu.md and .json into `out`."""
+
+    def __init__(self, suite: str, argv: list[str], out: Path, smoke: bool) -> None:
+        self.suite = suite
+        self.out = out
+        self.smoke = smoke
+        self.env = environment(argv)
+        self.sections: list[str] = []
+        self.data: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.t0 = time.perf_counter()
+
+    def table(self, title: str, header: list[str], rows: list[list[Any]], note: str = "") -> None:
+        text = f"## {title}\n\n{md_table(header, rows)}"
+        if note:
+            text += f"\n{note}\n"
+        self.sections.append(text)
+        print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def figure(self, name: str) -> Path:
+        """Path of a PNG to write next to the results (recorded in the json)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{self.suite}-cpu-{name}.png"
+        self.data.setdefault("figures", []).append(path.name)
+        return path
+
+    def write(self) -> tuple[Path, Path]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.env["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        self.env["smoke"] = self.smoke
+        self.env["load_average_end"] = os.getloadavg()[0]
+        header = [
+            f"# Benchmark `{self.suite}` on CPU",
+            "",
+            f"- command: `{self.env['command']}`",
+            f"- hardware: {self.env['cpu']}, {self.env['cores_usable']} usable cores "
+            f"({self.env['torch_threads']} torch threads); 1-min load average "
+            f"{self.env['load_average_start']:.1f} at start, {self.env['load_average_end']:.1f} at end "
+            "(other processes shared the cores)",
+            f"- versions: torch {self.env['torch']}, bitsandbytes {self.env['bitsandbytes']}, "
+            f"transformers {self.env['transformers']}, peft {self.env['peft']}, minilora {self.env['minilora']}",
+            f"- date: {self.env['date']}, suite wall time {self.env['wall_s']} s"
+            + (" (SMOKE run)" if self.smoke else ""),
+            "",
+        ]
+        figures = [f"![{f}]({f})" for f in self.data.get("figures", [])]
+        closing = ["## Notes", "", *[f"- {n}" for n in self.notes], ""] if self.notes else []
+        md = "\n".join(header) + "\n" + "\n".join(self.sections) + "\n" + "\n".join(closing + figures) + "\n"
+        md_path = self.out / f"{self.suite}-cpu.md"
+        json_path = self.out / f"{self.suite}-cpu.json"
+        md_path.write_text(md, encoding="utf-8")
+        record = {"suite": self.suite, "environment": self.env, "results": self.data, "notes": self.notes}
+        json_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        return md_path, json_path
+
+
+def tiny_checkpoint(directory: Path, vocab_size: int = 49152) -> Path:
+    """A tiny random Llama saved by transformers, with SmolLM2's tokenizer.json (its ids fit the vocab)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    from minilora.io.gguf import default_model_path, gguf_to_dir_cached
+
+    tokenizer = gguf_to_dir_cached(default_model_path()) / "tokenizer.json"
+    (directory / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return directory

@@ -1,0 +1,75 @@
+"""Every CPU benchmark suite runs end to end in smoke mode, so the benchmark code cannot rot.
+
+Asserts that the result files exist and carry the expected columns and keys; never asserts on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from benchmarks.run import RESULTS, SUITES, main, output_dir, parse  # noqa: E402
+
+EXPECTED = {
+    "quant": {
+        "columns": ["minilora ms", "bitsandbytes ms", "ratio (minilora/bnb time)", "identical"],
+        "keys": ["minilora_quantize_s", "bitsandbytes_dequantize_s", "quantize_ratio", "identical_packed"],
+    },
+    "quality": {
+        "columns": ["rel. Frobenius minilora", "rel. Frobenius bnb", "identical codes", "transformers + bnb"],
+        "keys": ["gaussian", "smollm2", "perplexity"],
+    },
+    "speed": {
+        "columns": ["minilora ms", "bitsandbytes ms", "tokens/s", "transformers + bnb + peft"],
+        "keys": ["linear_4bit", "qlora_step"],
+    },
+    "loading": {
+        "columns": ["load time s", "peak RSS added MB", "transformers + bnb"],
+        "keys": ["minilora", "reference", "bound_bytes", "acceptance_passed"],
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", SUITES)
+def test_suite_smoke(suite: str, tmp_path: Path) -> None:
+    assert main([suite, "--smoke", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / f"{suite}-cpu.md").read_text()
+    record = json.loads((tmp_path / f"{suite}-cpu.json").read_text())
+    for column in EXPECTED[suite]["columns"]:
+        assert column in md, column
+    for key in EXPECTED[suite]["keys"]:
+        assert _has_key(record["results"], key), key
+    env = record["environment"]
+    for key in ("command", "cpu", "cores", "date", "torch", "bitsandbytes", "transformers", "peft", "minilora"):
+        assert key in env, key
+    assert env["smoke"] is True
+    for figure in record["results"].get("figures", []):
+        assert (tmp_path / figure).stat().st_size > 0
+
+
+def _has_key(data: object, key: str) -> bool:
+    if isinstance(data, dict):
+        return key in data or any(_has_key(v, key) for v in data.values())
+    if isinstance(data, list):
+        return any(_has_key(v, key) for v in data)
+    return False
+
+
+def test_smoke_never_writes_into_results() -> None:
+    smoke = output_dir(parse(["quant", "--smoke"]))
+    assert smoke.is_dir() and smoke.resolve() != RESULTS.resolve()
+    smoke.rmdir()
+    assert output_dir(parse(["quant"])) == RESULTS
+    with pytest.raises(SystemExit):
+        parse(["no-such-suite"])
