@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -69,6 +70,7 @@ class CheckpointReader:
         path = Path(path)
         self.allow_pickle = allow_pickle
         self._handles: dict[Path, Any] = {}  # safe_open handles, or state dicts for pickle files
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}  # safetensors header, data offset
         self.is_pickle = False
         if path.is_file():
             self.source = path  # what error messages call "the checkpoint"
@@ -180,15 +182,39 @@ class CheckpointReader:
         return _ST_DTYPES[name]
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (on CPU, in its stored dtype)."""
+        """Read one tensor (on CPU, in its stored dtype).
+
+        safetensors data is read with plain file reads into a fresh tensor rather than through the memory
+        map: pages of a mapped file stay in the process's resident memory until the map closes, so reading
+        through it would make the peak memory of a load grow with the checkpoint's size.
+        """
         file = self.file_of(key)
         handle = self._open(file)
         if self.is_pickle:
             return handle[key]
-        try:
-            return handle.get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: cannot read key {key!r}: {e}") from e
+        header, data_start = self._header(file)
+        info = header.get(key)
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: cannot read key {key!r}: bad or unsupported header entry {info!r}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - begin:
+            raise CheckpointError(f"{file}: key {key!r} spans {end - begin} bytes, its shape needs {buffer.nbytes}")
+        with open(file, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise CheckpointError(f"{file}: cannot read key {key!r}: the file is truncated")
+        return out
+
+    def _header(self, file: Path) -> tuple[dict[str, Any], int]:
+        """The parsed safetensors header of `file` and the offset where its data starts (cached)."""
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            self._headers[file] = (header, 8 + length)
+        return self._headers[file]
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata of the first file (empty for pickle checkpoints)."""

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from .codebooks import get_code
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
 
-# Work on at most this many elements at once: the float32 scratch of a chunk (1 MB) stays in cache and
-# quantizing a weight needs little memory beyond the weight itself and its packed codes.
-CHUNK = 1 << 18
+# Work on at most this many elements at once: a chunk's float32 scratch is 4 MB, so quantizing or
+# dequantizing a weight needs little memory beyond the weight and its packed codes. (Much smaller chunks
+# fit the cache better on an idle machine but multiply the thread synchronisations: when another process
+# holds a core, each of those waits, and a quantize took 100x longer.)
+CHUNK = 1 << 20
 
 
 def _check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None = None) -> None:
@@ -115,8 +117,8 @@ def quantize_4bit_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-4 without packing: (code indices uint8 (n,), absmax float32 (n_blocks,)).
 
-    Works through the tensor in cache-sized chunks of whole blocks: every pass over a chunk then reads
-    the cache, not main memory, and the scratch space stays a few hundred kilobytes.
+    Works through the tensor in chunks of whole blocks (CHUNK elements), so the scratch space stays a few
+    megabytes whatever the tensor's size.
     """
     midpoints, order = _sorted_midpoints(get_code(quant_type))
     bounds = midpoints.tolist()
@@ -203,7 +205,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     table = _byte_table(state.code.to(packed.device).float())
     packed = packed.reshape(-1)
     out = torch.empty(n, dtype=dtype or state.dtype, device=packed.device)
-    step = 4 * CHUNK  # a multiple of every blocksize, and even
+    step = CHUNK  # a multiple of every blocksize, and even
     for start in range(0, n, step):
         stop = min(start + step, n)
         values = F.embedding(packed[start // 2 : (stop + 1) // 2].int(), table).view(-1)[: stop - start]

@@ -41,8 +41,8 @@ def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W ~= CB * SCB / 127, in float32, cast to dtype."""
-    return (cb.float() * (scb.float() / 127.0).unsqueeze(1)).to(dtype)
+    """W ~= CB * SCB / 127, in float32 (in bitsandbytes' order of operations), cast to dtype."""
+    return (cb.float() * scb.float().unsqueeze(1) * (1.0 / 127.0)).to(dtype)
 
 
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
