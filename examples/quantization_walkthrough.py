@@ -58,8 +58,10 @@ def main() -> None:
     print("  error                   =", fmt(restored - block))
     ordered = nf4.sort().values
     half_gap = float((ordered[1:] - ordered[:-1]).max()) / 2
-    print(f"  largest error {float((restored - block).abs().max()):.5f} <= absmax x largest half-gap of NF4 "
-          f"({half_gap:.4f}) = {float(absmax) * half_gap:.5f}")
+    print(
+        f"  largest error {float((restored - block).abs().max()):.5f} <= absmax x largest half-gap of NF4 "
+        f"({half_gap:.4f}) = {float(absmax) * half_gap:.5f}"
+    )
 
     print("\nDouble quantization of the 4 blocks' absmax:")
     _, absmaxes = quantize_4bit_codes(w.reshape(-1), blocksize=8, quant_type="nf4")
@@ -84,8 +86,10 @@ def main() -> None:
 
     packed64, state = quantize_4bit(torch.randn(4096, 4096), blocksize=64, quant_type="nf4")
     total = packed64.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel()
-    print(f"A 4096x4096 weight: {packed64.numel():,} packed bytes + {state.absmax.numel():,} absmax bytes + "
-          f"{4 * state.state2.absmax.numel():,} nested bytes = {8 * total / 4096**2:.3f} bits per weight")
+    print(
+        f"A 4096x4096 weight: {packed64.numel():,} packed bytes + {state.absmax.numel():,} absmax bytes + "
+        f"{4 * state.state2.absmax.numel():,} nested bytes = {8 * total / 4096**2:.3f} bits per weight"
+    )
 
 
 if __name__ == "__main__":
