@@ -136,6 +136,7 @@ def test_chunked_cross_entropy_equals_full_cross_entropy() -> None:
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed")
 def test_linear4bit_custom_op_compiles_without_graph_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast path's operator (minilora::matmul_4bit) passes opcheck and traces with fullgraph=True.
 
