@@ -156,3 +156,15 @@ def test_load_state_dict_refuses_a_wrong_shape():
     sd = Linear4bit.from_linear(make_linear(256, 40)).state_dict()
     with pytest.raises(RuntimeError, match=r"checkpoint shape \[40, 256\] != module shape \[40, 96\]"):
         Linear4bit.from_linear(make_linear()).load_state_dict(sd)
+
+
+def test_int8_state_dict_loads_into_bitsandbytes_module():
+    linear = make_linear(128, 64)
+    ours = Linear8bit.from_linear(linear)
+    theirs = bnb_int8(make_linear(128, 64, seed=1), 6.0)  # bitsandbytes loads only into a quantized module
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(theirs.weight.data, ours.weight) and torch.equal(theirs.weight.SCB, ours.SCB)
+    x = torch.randn(4, 128)
+    x[:, 7] = 8.0
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).float(), ours(x), rtol=1e-6, atol=1e-6)
