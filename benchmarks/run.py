@@ -7,6 +7,11 @@ CPU suites (each writes benchmarks/results/<suite>-cpu.md and .json, plus PNG fi
 - loading: load + quantize to NF4 a >1 GB checkpoint: time and peak RSS vs transformers+bnb
 `all` runs the four one after the other. `--smoke` runs tiny shapes in seconds and writes to a
 temporary directory unless --out is given (it never writes into benchmarks/results/).
+
+`--device cuda` runs the same suites on a CUDA GPU and writes `<suite>-<gpu>.md/.json` (e.g. quality-h200.md):
+tensors and models on the GPU, every timed call synchronized, peak memory from torch.cuda.max_memory_allocated
+instead of the process RSS. Parts that need the SmolLM2 checkpoint are skipped, and say so, where it is not
+installed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 SUITES = ("quant", "quality", "speed", "loading")
+DEVICES = ("cpu", "cuda")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,7 +33,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds; results to a temp dir")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where tensors and models live")
     return parser.parse_args(argv)
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot run the suites here, or None when it can."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            f"--device {device}: no CUDA device is available (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda}); run on a GPU machine or use --device cpu"
+        )
+    return None
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -42,6 +63,10 @@ def output_dir(args: argparse.Namespace) -> Path:
 def main(argv: list[str]) -> int:
     """Run one suite (or all); return a process exit code."""
     args = parse(argv)
+    error = device_error(args.device)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     import torch
 
     if args.threads:
@@ -50,7 +75,7 @@ def main(argv: list[str]) -> int:
     suites = SUITES if args.suite == "all" else (args.suite,)
     for suite in suites:
         module = importlib.import_module(f"benchmarks.cpu.{suite}")
-        md, js = module.run(argv=argv, out=out, smoke=args.smoke)
+        md, js = module.run(argv=argv, out=out, smoke=args.smoke, device=args.device)
         print(f"wrote {md} and {js}", file=sys.stderr)
     return 0
 

