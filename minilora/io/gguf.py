@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes, save_safetensors
+
 # The file format lives in gguf_format; its names are re-exported here for the importers of this module.
 from .gguf_format import (  # noqa: F401
     DEFAULT_ALIGNMENT,
@@ -193,16 +195,8 @@ def load_state_dict(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync_replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -215,8 +209,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     Writes config.json, generation_config.json, model.safetensors (weights dequantized, then cast to
     `dtype`), tokenizer.json and tokenizer_config.json. Each file is written atomically.
     """
-    from safetensors.torch import save_file
-
     from minilora.io.tokenizer import Tokenizer
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -229,9 +221,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    _fsync_replace(tmp, out / "model.safetensors")
+    save_safetensors(state, out / "model.safetensors")
     _write_json(out / "config.json", config)
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
     _write_json(out / "generation_config.json", {**gen, "_from_model_config": True})

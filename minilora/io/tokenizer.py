@@ -35,6 +35,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from minilora.io.checkpoint import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -262,12 +264,9 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json into `directory` (each atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / ".tokenizer.json.tmp"
-        self.tokenizer.save(str(tmp))
-        _replace_synced(tmp, directory / "tokenizer.json")
-        tmp = directory / ".tokenizer_config.json.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_synced(tmp, directory / "tokenizer_config.json")
+        atomic_write_bytes(directory / "tokenizer.json", self.tokenizer.to_str(pretty=True).encode("utf-8"))
+        config_text = json.dumps(self.config, indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(directory / "tokenizer_config.json", config_text.encode("utf-8"))
         return directory
 
     # --- tokens ---------------------------------------------------------------------------------------
@@ -347,9 +346,3 @@ class Tokenizer:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **specials
         )
-
-
-def _replace_synced(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
