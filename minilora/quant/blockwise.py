@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import compiled
 from .codebooks import get_code
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
 
@@ -196,6 +197,10 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
     Each byte is looked up once in a 256-entry table of value pairs, which unpacks and decodes in one step.
     The work goes in chunks of whole blocks, so the float32 scratch stays small whatever the output dtype.
+
+    Large CPU tensors first go through compiled.py, which computes the same bits in one vectorized loop
+    (a table lookup cannot be vectorized in eager PyTorch); the loop below is the reference, and finishes
+    what the compiled kernel leaves: a partial last block.
     """
     n, blocksize = state.numel, state.blocksize
     if packed.numel() * 2 < n:
@@ -203,11 +208,21 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
             f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
         )
     absmax = dequantize_absmax(state)
+    dtype = dtype or state.dtype
+    done = 0  # elements already written by the compiled kernel
+    if compiled.use_compiled(packed, n, dtype) and n >= blocksize:
+        fast = compiled.dequantize_blocks(packed, absmax, state.code, blocksize, n // blocksize, dtype)
+        if fast is not None:
+            if fast.numel() == n:
+                return fast.view(state.shape)
+            done = fast.numel()
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    if done:
+        out[:done] = fast
     table = _byte_table(state.code.to(packed.device).float())
     packed = packed.reshape(-1)
-    out = torch.empty(n, dtype=dtype or state.dtype, device=packed.device)
     step = CHUNK  # a multiple of every blocksize, and even
-    for start in range(0, n, step):
+    for start in range(done, n, step):  # done is a whole number of blocks
         stop = min(start + step, n)
         values = F.embedding(packed[start // 2 : (stop + 1) // 2].int(), table).view(-1)[: stop - start]
         full = (stop - start) - (stop - start) % blocksize
