@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +47,9 @@ LLAMA8B = dict(
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 WORKLOADS = [(4, 182), (1, 2048)]
 FLOP_PER_TOKEN = 48e9
+# Rows of float32 logits alive at once in the chunked cross-entropy (256 x 128256 x 4 B = 131 MB); at 4 x 182
+# tokens a chunk of 1024 held all 728 rows, as much as the reference's full logits.
+CE_CHUNK_ROWS = 256
 
 
 def build_reference(layers: int) -> nn.Module:
@@ -104,7 +110,7 @@ def minilora_loss(model: nn.Module, ids: torch.Tensor, chunked: bool) -> torch.T
 
     if chunked:
         hidden = model.model(ids)[:, :-1]  # (B, T-1, C)
-        return chunked_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:], chunk_rows=1024)
+        return chunked_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:], chunk_rows=CE_CHUNK_ROWS)
     logits = model(ids)[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
@@ -113,40 +119,60 @@ def reference_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def measure(model: nn.Module, loss_fn, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def measure(model: nn.Module, loss_fn, batch: int, seq: int, warmup: int, steps: int, graphed: bool = False) -> dict:
+    """tokens/s over `steps` timed steps after `warmup`; peaks over warm-up (and capture) and timed steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     gen = torch.Generator(device="cuda").manual_seed(0)
     data = [torch.randint(0, LLAMA8B["vocab_size"], (batch, seq), device="cuda", generator=gen) for _ in range(4)]
     losses = []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if graphed:  # the whole step as one CUDA graph (minilora.train.cuda_graph); captured in the first call
+        from minilora.train.cuda_graph import CUDAGraphStep
 
-    def step(i: int) -> None:
-        loss = loss_fn(model, data[i % len(data)])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        opt = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+        runner = CUDAGraphStep(model, opt, loss_fn, warmup_steps=3)
 
+        def step(i: int) -> None:
+            losses.append(runner(data[i % len(data)]).clone())
+
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(i: int) -> None:
+            loss = loss_fn(model, data[i % len(data)])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+    t = time.perf_counter()
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    warm_s = time.perf_counter() - t
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    opt = None
-    return {
+    result = {
         "batch": batch,
         "seq": seq,
         "tokens_per_s": batch * seq * steps / dt,
         "step_s": dt / steps,
+        "warmup_s": warm_s,
         "peak_GB": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_reserved_GB": torch.cuda.max_memory_reserved() / 1e9,
         "trainable_params": sum(p.numel() for p in params),
         "last_loss": float(losses[-1]),
     }
+    opt = runner = None
+    if graphed and hasattr(model, "model"):
+        model.model.checkpoint_fn = None
+    model.zero_grad(set_to_none=True)
+    return result
 
 
 def free(*objs: object) -> None:
@@ -155,43 +181,67 @@ def free(*objs: object) -> None:
     torch.cuda.empty_cache()
 
 
-def loss_match(steps: int) -> dict:
-    """20 steps on a 2-layer model (full widths), fast path vs reference path, same init and data."""
+def loss_match(steps: int, order: tuple[str, ...] = ("fast_graph", "fast", "reference", "reference_graphsafe")) -> dict:
+    """20 steps on a 2-layer model (full widths), fast path vs reference path, same init and data.
+
+    Eager: both paths with torch.utils.checkpoint and the same dropout seed. Graphed: the fast path as one
+    CUDA graph per step (CUDAGraphStep) against the eager reference path with an alike-seeded
+    GraphSafeCheckpoint (the same dropout masks), both with capturable AdamW.
+    """
     from minilora.kernels import reference_mode
+    from minilora.train.cuda_graph import CUDAGraphStep, GraphSafeCheckpoint
 
     torch.manual_seed(0)
     model = build_minilora(2)
     init = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     gen = torch.Generator(device="cuda").manual_seed(1)
     data = [torch.randint(0, LLAMA8B["vocab_size"], (2, 128), device="cuda", generator=gen) for _ in range(steps)]
+
+    def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return minilora_loss(m, ids, chunked=True)
+
     curves = {}
-    for mode in ("fast", "reference"):
+    for mode in order:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in init:
                     param.copy_(init[name])
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in model.parameters() if p.requires_grad]
         torch.manual_seed(123)  # the same dropout masks on both paths
         losses = []
-        ctx = reference_mode() if mode == "reference" else reference_mode(False)
+        ctx = reference_mode() if mode.startswith("reference") else reference_mode(False)
         with ctx:
-            for ids in data:
-                loss = minilora_loss(model, ids, chunked=True)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+            if mode == "fast_graph":
+                runner = CUDAGraphStep(model, torch.optim.AdamW(params, lr=1e-4, capturable=True), loss_fn, seed=9)
+                losses = [float(runner(ids)) for ids in data]
+                runner = None
+            else:
+                opt = torch.optim.AdamW(params, lr=1e-4, capturable=mode == "reference_graphsafe")
+                if mode == "reference_graphsafe":
+                    model.model.checkpoint_fn = GraphSafeCheckpoint("cuda", seed=9)
+                for ids in data:
+                    loss = loss_fn(model, ids)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(float(loss))
+        model.model.checkpoint_fn = None
+        model.zero_grad(set_to_none=True)
         curves[mode] = losses
-    diffs = [abs(a - b) for a, b in zip(curves["fast"], curves["reference"], strict=True)]
+
+    def compare(a: str, b: str) -> dict:
+        diffs = [abs(x - y) for x, y in zip(curves[a], curves[b], strict=True)]
+        rel = max(d / abs(y) for d, y in zip(diffs, curves[b], strict=True))
+        return {"max_abs_diff": max(diffs), "max_rel_diff": rel}
+
     model = opt = None
     free()
-    return {
-        "steps": steps,
-        "fast": curves["fast"],
-        "reference": curves["reference"],
-        "max_abs_diff": max(diffs),
-        "max_rel_diff": max(d / abs(b) for d, b in zip(diffs, curves["reference"], strict=True)),
-    }
+    out: dict = {"steps": steps, **curves}
+    if "fast" in curves and "reference" in curves:
+        out.update(compare("fast", "reference"))
+    if "fast_graph" in curves and "reference_graphsafe" in curves:
+        out["graph"] = compare("fast_graph", "reference_graphsafe")
+    return out
 
 
 def main() -> None:
@@ -201,11 +251,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure minilora with torch.compile per block")
-    parser.add_argument(
-        "--cudagraphs", action="store_true", help="also torch.compile per block with mode='reduce-overhead'"
-    )
     parser.add_argument("--skip-eager", action="store_true", help="skip minilora eager and the loss match")
+    parser.add_argument(
+        "--graph", action="store_true", help="also the whole step as one CUDA graph (eager blocks, then compiled)"
+    )
+    parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)  # child process: JSON to this path
+    parser.add_argument("--loss-match-only", type=Path, help=argparse.SUPPRESS)  # child process: JSON to this path
     args = parser.parse_args()
+    if args.loss_match_only:
+        args.loss_match_only.write_text(json.dumps(loss_match(20)))
+        return
+    if args.reference_only:
+        t = time.perf_counter()
+        model = build_reference(args.layers)
+        build_s = time.perf_counter() - t
+        runs = [measure(model, reference_loss, b, s, args.warmup, args.steps) for b, s in WORKLOADS]
+        args.reference_only.write_text(json.dumps({"build_s": build_s, "runs": runs}))
+        return
     env = environment()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     import triton.testing
@@ -225,19 +287,20 @@ def main() -> None:
             flush=True,
         )
 
-    try:
-        t = time.perf_counter()
-        model = build_reference(args.layers)
-        record["build_reference_s"] = time.perf_counter() - t
-        for b, s in WORKLOADS:
-            add("transformers+bnb+peft", measure(model, reference_loss, b, s, args.warmup, args.steps))
-        model = None
-        free()
-    except Exception as err:  # the reference stack failing must not hide minilora's figures; it is recorded
-        record["reference_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
-        print("reference failed:", record["reference_error"][:800], flush=True)
-        model = None
-        free()
+    # The reference runs in a child process: its libraries then share no CUDA state with minilora's runs
+    # (after it ran in this process, the first CUDA-graph capture failed: benchmarks/gpu/NOTES.md).
+    with tempfile.TemporaryDirectory() as tmp:
+        child = [sys.executable, __file__, "--reference-only", f"{tmp}/ref.json", "--layers", str(args.layers)]
+        child += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+        done = subprocess.run(child, check=False)
+        if done.returncode == 0:
+            ref = json.loads(Path(f"{tmp}/ref.json").read_text())
+            record["build_reference_s"] = ref["build_s"]
+            for res in ref["runs"]:
+                add("transformers+bnb+peft", res)
+        else:  # the reference stack failing must not hide minilora's figures; it is recorded
+            record["reference_error"] = f"child process exited with {done.returncode} (its output is above)"
+            print("reference failed:", record["reference_error"], flush=True)
 
     t = time.perf_counter()
     model = build_minilora(args.layers)
@@ -245,8 +308,19 @@ def main() -> None:
     if not args.skip_eager:
         for b, s in WORKLOADS:
             add("minilora", measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, args.warmup, args.steps))
-        record["loss_match"] = loss_match(20)
-        print(f"loss match: max abs diff {record['loss_match']['max_abs_diff']:.2e}", flush=True)
+        # In a child process too: run here, after the eager runs, its first CUDA-graph capture failed
+        # ("operation would make the legacy stream depend on a capturing blocking stream"), while the same
+        # sequence in a fresh process captures (benchmarks/gpu/graph_probe.py; NOTES.md).
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, __file__, "--loss-match-only", f"{tmp}/lm.json"], check=False)
+            if done.returncode == 0:
+                record["loss_match"] = json.loads(Path(f"{tmp}/lm.json").read_text())
+                print(f"loss match: {record['loss_match']}", flush=True)
+            else:
+                record["loss_match_error"] = f"child process exited with {done.returncode} (its output is above)"
+                print("loss match failed:", record["loss_match_error"], flush=True)
+    if args.graph and args.compile:  # eager blocks in the graph first (compiling the blocks is not undone)
+        graph_runs(model, "minilora+graph", args, add, record)
     if args.compile:
         # Per decoder block, static shapes. The 4-bit linear is a torch.library custom op (fake + autograd
         # registered), so a block traces whole; the blocks share one compiled code object (parameters and
@@ -272,26 +346,31 @@ def main() -> None:
                 "recompiles": counters["recompiles"] if "recompiles" in counters else {},
             }
             print("compile stats:", record["compile_stats"], flush=True)
+            if args.graph:  # compiled blocks inside the whole-step graph
+                graph_runs(model, "minilora+compile+graph", args, add, record)
         except Exception as err:  # report, do not hide: the compiled variant is optional
             record["compile_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
             print("compile failed:", record["compile_error"][:500], flush=True)
-    if args.cudagraphs:
-        # Same, with CUDA graphs (cudagraph trees): removes the host launch cost that bounds the step.
-        try:
-            for layer in model.model.layers:
-                layer.compile(dynamic=False, mode="reduce-overhead")
-            for b, s in WORKLOADS:
-                t = time.perf_counter()
-                res = measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, 3, args.steps)
-                res["wall_incl_compile_s"] = time.perf_counter() - t
-                add("minilora+compile+cudagraphs", res)
-        except Exception as err:  # report, do not hide: the variant is optional
-            record["cudagraphs_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
-            print("cudagraphs failed:", record["cudagraphs_error"][:800], flush=True)
+    if args.graph and not args.compile:
+        graph_runs(model, "minilora+graph", args, add, record)
     model = None
     free()
     write_results(args.out, "qlora-h200", record, render(record))
     print(render(record))
+
+
+def graph_runs(model: nn.Module, stack: str, args: argparse.Namespace, add, record: dict) -> None:
+    """Both workloads with the whole step captured as one CUDA graph; a failure is recorded, not raised."""
+    try:
+        for b, s in WORKLOADS:
+            res = measure(model, lambda m, ids: minilora_loss(m, ids, True), b, s, args.warmup, args.steps, True)
+            add(stack, res)
+    except Exception as err:  # report, do not hide: the variant is optional
+        record[f"{stack}_error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+        print(f"{stack} failed:", record[f"{stack}_error"][:800], flush=True)
+        if hasattr(model, "model"):
+            model.model.checkpoint_fn = None
+        free()
 
 
 def render(r: dict) -> str:
@@ -307,13 +386,16 @@ def render(r: dict) -> str:
                 x["tokens_per_s"],
                 x["mfu_pct"],
                 x["peak_GB"],
+                x.get("peak_reserved_GB", ""),
                 x["tokens_per_s"] / base["tokens_per_s"] if base else "",
                 x["peak_GB"] / base["peak_GB"] if base else "",
             ]
         )
     lm = r.get("loss_match", {})
+    lmg = lm.get("graph", {})
+    graph_errors = "; ".join(f"{k}: {v[:300]}" for k, v in r.items() if k.endswith("graph_error"))
     compiled = "ok" if any(x["stack"].endswith("compile") for x in r["runs"]) else "not run"
-    graphed = "ok" if any("cudagraphs" in x["stack"] for x in r["runs"]) else "not run"
+    graphed = "ok" if any("graph" in x["stack"] for x in r["runs"]) else "not run"
     if "compile_stats" in r:
         compiled += f" ({r['compile_stats']})"
     return "\n".join(
@@ -324,14 +406,26 @@ def render(r: dict) -> str:
             f"{r['layers']} layers; bf16 matmul measured {r['bf16_matmul_TFLOPs']:.0f} TFLOP/s; "
             "MFU = tokens/s x 48 GFLOP / that.\n",
             md_table(
-                ["stack", "batch x seq", "tokens/s", "MFU %", "peak GB", "tokens/s vs reference", "peak vs reference"],
+                [
+                    "stack",
+                    "batch x seq",
+                    "tokens/s",
+                    "MFU %",
+                    "peak GB",
+                    "reserved GB",
+                    "tokens/s vs reference",
+                    "peak vs reference",
+                ],
                 rows,
             ),
             "\nLoss match, 20 steps (2 layers, 2 x 128 tokens): "
             f"max |fast - reference| = {lm.get('max_abs_diff', float('nan')):.2e} "
-            f"(relative {lm.get('max_rel_diff', float('nan')):.2e}).\n",
+            f"(relative {lm.get('max_rel_diff', float('nan')):.2e}). Whole step as a CUDA graph vs the eager "
+            f"reference path with the same dropout masks: max |diff| = {lmg.get('max_abs_diff', float('nan')):.2e} "
+            f"(relative {lmg.get('max_rel_diff', float('nan')):.2e}).\n",
+            f"\n{('loss match failed: ' + r['loss_match_error'][:500]) if 'loss_match_error' in r else ''}\n",
             f"\ncompile: {r.get('compile_error', compiled)}\n",
-            f"\ncudagraphs: {r.get('cudagraphs_error', graphed)}\n",
+            f"\nwhole-step CUDA graph: {graph_errors or graphed}\n",
         ]
     )
 

@@ -35,7 +35,10 @@ def chunked_cross_entropy(
     for start in range(0, h.shape[0], chunk_rows):
         hs, ys = h[start : start + chunk_rows], y[start : start + chunk_rows]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss, hs, weight, ys, ignore_index, use_reentrant=False)
+            # No randomness inside: the RNG state need not be saved (its save is not allowed in a CUDA graph).
+            total = total + checkpoint(
+                _chunk_loss, hs, weight, ys, ignore_index, use_reentrant=False, preserve_rng_state=False
+            )
         else:
             total = total + _chunk_loss(hs, weight, ys, ignore_index)
     count = (y != ignore_index).sum().clamp(min=1)

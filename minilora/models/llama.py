@@ -27,6 +27,7 @@ shape (B, cache.length + T), as in transformers' ``generate``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +286,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # How a checkpointed layer runs: fn(layer, *inputs) -> output. None: torch.utils.checkpoint
+        # (non-reentrant). minilora.train.cuda_graph puts a CUDA-graph-safe one here.
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -322,7 +326,10 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                if self.checkpoint_fn is None:
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                else:
+                    x = self.checkpoint_fn(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
