@@ -258,6 +258,13 @@ class CUDAGraphStep:
         try:
             with torch.cuda.graph(graph):
                 loss, norm = self._one_step(static)
+        except RuntimeError as err:  # name the usual causes; the CUDA message alone rarely does
+            raise RuntimeError(
+                f"capturing the training step for inputs {key} failed: {err}\n"
+                "Usual causes: a host synchronisation in loss_fn or the model (.item(), float(tensor), printing "
+                "a tensor, boolean-mask indexing or other data-dependent shapes), a CPU tensor copied to the GPU "
+                "inside the step, or a kernel compiled for the first time during capture (more warmup_steps)"
+            ) from err
         finally:
             if collect:
                 gc.enable()

@@ -194,3 +194,19 @@ def test_a_replaced_learning_rate_is_refused() -> None:
     opt.param_groups[0]["lr"] = 1e-4  # what LambdaLR would do
     with pytest.raises(ValueError, match="set_lr"):
         step(ids)
+
+
+@pytest.mark.gpu
+def test_a_host_sync_in_the_loss_is_named_when_capture_fails() -> None:
+    """Last in the file: a failed capture is the one thing here that may leave CUDA state behind."""
+    model = _tiny_model("cuda", 0.0)
+
+    def syncing_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        loss = _loss(m, ids)
+        if loss.item() < 0:  # a host synchronisation: fine eagerly, not in a graph
+            raise AssertionError("unreachable")
+        return loss
+
+    step = CUDAGraphStep(model, torch.optim.AdamW(_adapter(model), lr=1e-3, capturable=True), syncing_loss)
+    with pytest.raises(RuntimeError, match="host synchronisation"):
+        step(torch.randint(0, 256, (2, 16), device="cuda"))
