@@ -108,12 +108,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from minilora.train.data import load_jsonl, tokenize_records
     from minilora.train.loop import TrainConfig, seed_everything, train
 
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.cuda_graph and not device.startswith("cuda"):
+        raise ValueError(f"--cuda-graph needs a CUDA device (--device is {device})")
     records = load_jsonl(args.data)  # read the data first: a bad file fails before the model loads
     eval_records = load_jsonl(args.eval_data) if args.eval_data else None
     model_dir = _model_dir(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
     compute_dtype = torch.bfloat16 if args.bf16 == "yes" else None
-    model = from_pretrained(model_dir, quantize=_quantize_arg(args.quantize), compute_dtype=compute_dtype)
+    model = from_pretrained(
+        model_dir, quantize=_quantize_arg(args.quantize), compute_dtype=compute_dtype, device=device
+    )
     overflow = "skip" if args.skip_long else "error"
     data = tokenize_records(records, tokenizer, args.max_length, overflow=overflow, source=str(args.data))
     eval_data = (
@@ -139,6 +144,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16,
         cache_base_weights=args.cache_base_weights,
+        cuda_graph=args.cuda_graph,
         eval_every=args.eval_every,
         save_every=args.save_every,
         keep_last=args.keep_last,
@@ -313,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
     p.add_argument("--bf16", default="auto", choices=("auto", "yes", "no"), help="bf16 autocast (auto: CUDA only)")
     p.add_argument("--cache-base-weights", action="store_true", help="dequantize the base once (faster, more memory)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
+    p.add_argument(
+        "--cuda-graph", action="store_true", help="replay each optimizer step as a CUDA graph (CUDA; pads batches)"
+    )
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")

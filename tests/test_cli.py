@@ -63,6 +63,9 @@ def test_bad_paths_give_one_clear_line_and_exit_1(tmp_path, capsys):
     assert main(["finetune", "x", "--data", str(bad)]) == 1
     assert "bad.jsonl:1: missing field(s) ['completion']" in capsys.readouterr().err
 
+    assert main(["finetune", "x", "--data", str(data), "--cuda-graph", "--device", "cpu"]) == 1
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
     assert main(["generate", str(tmp_path / "nothing.gguf"), "--prompt", "hi"]) == 1
     assert "nothing.gguf" in capsys.readouterr().err
 

@@ -25,8 +25,14 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_rows: int = 1024,
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden (..., C) @ weight (V, C).T` against `labels (...)`, chunk by chunk."""
+    """Cross-entropy of `hidden (..., C) @ weight (V, C).T` against `labels (...)`, chunk by chunk.
+
+    reduction: "mean" over the labels that are not `ignore_index` (as F.cross_entropy), or "sum".
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the leading dims")
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
@@ -41,5 +47,7 @@ def chunked_cross_entropy(
             )
         else:
             total = total + _chunk_loss(hs, weight, ys, ignore_index)
+    if reduction == "sum":
+        return total
     count = (y != ignore_index).sum().clamp(min=1)
     return total / count

@@ -134,8 +134,12 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
+    extra_rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically (temp dir, fsync, rename) and prune to the newest ``keep_last``."""
+    """Write checkpoint-<step> atomically (temp dir, fsync, rename) and prune to the newest ``keep_last``.
+
+    extra_rng: more generator states to keep in rng.pt (e.g. the CUDA-graph step's dropout streams).
+    """
     from minilora.lora import save_adapter
 
     root = checkpoint_root(output_dir)
@@ -147,7 +151,7 @@ def save_checkpoint(
         for name, obj in (
             ("optimizer.pt", optimizer.state_dict()),
             ("scheduler.pt", scheduler.state_dict()),
-            ("rng.pt", rng_state()),
+            ("rng.pt", {**rng_state(), **(extra_rng or {})}),
         ):
             torch.save(obj, tmp / name)
             _fsync_file(tmp / name)

@@ -147,6 +147,9 @@ class CUDAGraphStep:
         max_grad_norm: clip the global gradient norm (``clip_grad_norm_``) inside the graph; None: no clip.
         warmup_steps: eager steps before capture (their effect on parameters and optimizer is undone).
         seed: seeds the dropout streams of the checkpointed layers.
+        backward: call ``loss.backward()`` on what loss_fn returns (default). False: loss_fn runs its own
+            backward passes (e.g. one per micro-batch, for gradient accumulation) and returns the loss to
+            report, detached.
 
     The returned loss (and :attr:`grad_norm`) are static tensors that the next replay overwrites: clone
     them to keep them.
@@ -160,6 +163,7 @@ class CUDAGraphStep:
         max_grad_norm: float | None = None,
         warmup_steps: int = 3,
         seed: int = 0,
+        backward: bool = True,
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not params:
@@ -176,13 +180,15 @@ class CUDAGraphStep:
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.backward = backward
         self.params = params
         self.max_grad_norm = max_grad_norm
         self.warmup_steps = warmup_steps
         self.device = device
         for group in optimizer.param_groups:  # the graph reads the learning rate from device memory
-            if not torch.is_tensor(group["lr"]):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            lr = group["lr"]
+            if not (torch.is_tensor(lr) and lr.device == device and lr.dtype == torch.float32):
+                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
         self._lrs = [group["lr"] for group in optimizer.param_groups]
         self.checkpointer: GraphSafeCheckpoint | None = None
         inner = getattr(model, "model", model)
@@ -198,6 +204,43 @@ class CUDAGraphStep:
             if group is None or group == i:
                 value.fill_(float(lr))
 
+    def adopt_lrs(self) -> None:
+        """After a scheduler assigned plain numbers to ``param_group["lr"]``: copy them where the graph reads them.
+
+        (``torch.optim.lr_scheduler`` classes assign floats; call this after each ``scheduler.step()``.)
+        """
+        for group, value in zip(self.optimizer.param_groups, self._lrs, strict=True):
+            if group["lr"] is not value:
+                value.fill_(float(group["lr"]))
+                group["lr"] = value
+
+    def rng_state(self) -> dict[str, Any]:
+        """The dropout streams of the checkpointed layers, by layer index (host tensors), for a checkpoint."""
+        if self.checkpointer is None:
+            return {}
+        layers = self._checkpointed_layers()
+        for layer in layers:
+            self.checkpointer._site(layer)
+        seeds, sites = self.checkpointer.get_state()
+        return {"seeds": seeds, "sites": [list(sites[id(layer)]) for layer in layers]}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        """Resume the streams of :meth:`rng_state` (call before the first step, or between steps)."""
+        if self.checkpointer is None or not state:
+            return
+        layers = self._checkpointed_layers()
+        if len(state["sites"]) != len(layers):
+            raise ValueError(f"saved dropout streams for {len(state['sites'])} layers, the model has {len(layers)}")
+        for layer in layers:
+            self.checkpointer._site(layer)
+        self.checkpointer.set_state(
+            (state["seeds"], {id(layer): tuple(pair) for layer, pair in zip(layers, state["sites"], strict=True)})
+        )
+
+    def _checkpointed_layers(self) -> list[nn.Module]:
+        inner = getattr(self.model, "model", self.model)
+        return list(getattr(inner, "layers", []))
+
     def _check_lrs(self) -> None:
         for i, (group, value) in enumerate(zip(self.optimizer.param_groups, self._lrs, strict=True)):
             if group["lr"] is not value:
@@ -208,7 +251,8 @@ class CUDAGraphStep:
 
     def _one_step(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         loss = self.loss_fn(self.model, *inputs)
-        loss.backward()
+        if self.backward:
+            loss.backward()
         norm = None
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
@@ -274,8 +318,7 @@ class CUDAGraphStep:
     def _warm_sites(self) -> None:
         """Re-create the sites that set_state dropped, in the order the forward meets them (same seeds)."""
         assert self.checkpointer is not None
-        inner = getattr(self.model, "model", self.model)
-        for layer in getattr(inner, "layers", []):
+        for layer in self._checkpointed_layers():
             self.checkpointer._site(layer)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

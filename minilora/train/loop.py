@@ -23,6 +23,14 @@ data order (epoch e is shuffled with seed (seed, e)) and dropout. A checkpoint s
 scheduler, every RNG and the data position (minilora.train.checkpoint); ``resume=True`` restores them all,
 so a run killed and resumed ends with the same adapter bytes and the same loss curve as one never stopped.
 ``metrics.jsonl`` is cut back to the checkpoint's step on resume, so the curve holds each step once.
+
+``cuda_graph=True`` (CUDA only) records each optimizer step, micro-batches included, as one CUDA graph
+(minilora.train.cuda_graph) and replays it: the step is no longer bound by Python and kernel launches.
+Shapes must then be fixed, so micro-batches are right-padded to a multiple of ``graph_pad_multiple``
+tokens and to ``batch_size`` rows (padding rows hold one unmasked pad token and no labels; they add
+nothing to the loss), each distinct padded length is captured once, and the loss is computed on the
+device over every position (the labels' -100 doing the selection) through the chunked cross-entropy.
+Dropout in checkpointed layers draws from graph-safe streams, saved in checkpoints like every other RNG.
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    cuda_graph: bool = False  # capture each optimizer step as a CUDA graph (CUDA only; pads batches)
+    graph_pad_multiple: int = 64  # with cuda_graph: pad lengths to a multiple of this (fewer distinct graphs)
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "yes" / "no" to force
     cache_base_weights: bool = False  # dequantize the frozen base once (faster, float-size memory)
     eval_every: int = 0  # steps; 0: only at the end (if there is eval data)
@@ -81,7 +91,7 @@ class TrainConfig:
     save_final_adapter: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size", "graph_pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
@@ -156,9 +166,75 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return loss_sum, n
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> Any:
+def pad_micro_batches(
+    micro: Sequence[Batch], rows: int, multiple: int, pad_token_id: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Stack micro-batches into fixed shapes for a CUDA graph: (ids, labels, mask[, positions]), each (A, rows, T).
+
+    T is the longest micro-batch rounded up to `multiple`; short batches get extra rows holding one unmasked
+    pad token (a fully masked row would make attention divide by zero) and labels -100 everywhere, so the
+    loss and its gradient are those of the real rows.
+    """
+    if any(b.input_ids.shape[0] > rows for b in micro):
+        raise ValueError(f"a micro-batch has more than {rows} rows")
+    length = max(b.input_ids.shape[1] for b in micro)
+    length = -(-length // multiple) * multiple
+    a, device = len(micro), micro[0].input_ids.device
+    ids = torch.full((a, rows, length), pad_token_id, dtype=torch.long, device=device)
+    labels = torch.full((a, rows, length), IGNORE_INDEX, dtype=torch.long, device=device)
+    mask = torch.zeros((a, rows, length), dtype=torch.long, device=device)
+    mask[:, :, 0] = 1  # padding rows: one visible token
+    packed = any(b.position_ids is not None for b in micro)
+    positions = torch.zeros((a, rows, length), dtype=torch.long, device=device) if packed else None
+    for i, b in enumerate(micro):
+        n, t = b.input_ids.shape
+        ids[i, :n, :t], labels[i, :n, :t], mask[i, :n, :t] = b.input_ids, b.labels, b.attention_mask
+        mask[i, :n, t:] = 0
+        if positions is not None:
+            pos = b.position_ids if b.position_ids is not None else b.attention_mask.cumsum(-1).clamp(min=1) - 1
+            positions[i, :n, :t] = pos
+    return (ids, labels, mask) if positions is None else (ids, labels, mask, positions)
+
+
+def accumulated_causal_lm_loss(
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    autocast: Any = None,
+) -> torch.Tensor:
+    """The loop's step on stacked micro-batches (A, B, T), with no host synchronisation (CUDA-graph safe).
+
+    For each micro-batch: the summed cross-entropy of its target tokens over N (all target tokens of the
+    step, counted on the device), then backward, as in the eager loop. Every position goes through the
+    output head, chunk by chunk (kernels.loss.chunked_cross_entropy); -100 labels drop out. Returns the
+    step's mean loss, detached.
+    """
+    from minilora.kernels.loss import chunked_cross_entropy
+
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+        raise ValueError("the CUDA-graph step needs a causal LM with .model and .lm_head (minilora's Llama)")
+    count = (labels[:, :, 1:] != IGNORE_INDEX).sum().clamp(min=1)  # N, on the device
+    total = torch.zeros((), dtype=torch.float32, device=ids.device)
+    for i in range(ids.shape[0]):
+        with autocast if autocast is not None else nullcontext():
+            pos = None if positions is None else positions[i]
+            hidden = model.model(ids[i], attention_mask=mask[i], position_ids=pos)[:, :-1]  # (B, T-1, C)
+            target = labels[i][:, 1:]  # (B, T-1)
+            if type(model.lm_head) is nn.Linear:  # a plain head: never all the logits at once
+                loss_sum = chunked_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows=256, reduction="sum")
+            else:  # an adapted head: through the module
+                logits = model.lm_head(hidden).float()  # (B, T-1, V)
+                loss_sum = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+        (loss_sum / count).backward()
+        total = total + loss_sum.detach()
+    return total / count
+
+
+def _autocast(config: TrainConfig, device: torch.device, cache_enabled: bool = True) -> Any:
     use = config.bf16 == "yes" or (config.bf16 == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled) if use else nullcontext()
 
 
 @torch.no_grad()
@@ -277,8 +353,15 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = adapter_parameters(model)
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(f"TrainConfig.cuda_graph needs the model on a CUDA device, it is on {device}")
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        capturable=config.cuda_graph,  # the step count lives on the GPU, where the graph reads it
     )
     order = DataOrder(train_examples, config.batch_size, seed=config.seed, pad_token_id=pad_token_id)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
@@ -318,6 +401,19 @@ def train(
         _rewrite_metrics(metrics_path, [])
 
     model.train()
+    graphed = None
+    if config.cuda_graph:
+        from minilora.train.cuda_graph import CUDAGraphStep
+
+        def graph_loss(m: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+            # autocast's weight cache would hold tensors of the capture: off inside graphs
+            return accumulated_causal_lm_loss(m, *inputs, autocast=_autocast(config, device, cache_enabled=False))
+
+        graphed = CUDAGraphStep(
+            model, optimizer, graph_loss, max_grad_norm=config.max_grad_norm, seed=config.seed, backward=False
+        )
+        if ckpt is not None:
+            graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
     progress = _Progress(config.progress, total_steps, start_step)
     losses = [m["loss"] for m in read_metrics(metrics_path) if "loss" in m]
@@ -331,28 +427,37 @@ def train(
 
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [order.next_batch().to(device) for _ in range(config.grad_accum)]
+            micro = [order.next_batch() for _ in range(config.grad_accum)]
             n_step = sum(b.n_target_tokens for b in micro)
             if n_step == 0:
                 raise ValueError(f"step {step}: the batch holds no completion tokens (all labels are -100)")
-            loss_total = 0.0
-            for batch in micro:
-                with _autocast(config, device):
-                    loss_sum, _ = causal_lm_loss(model, batch)
-                (loss_sum / n_step).backward()
-                loss_total += float(loss_sum.detach())
+            micro = [b.to(device) for b in micro]
+            lr = float(optimizer.param_groups[0]["lr"])
             grad_norm = None
-            if config.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:  # the whole step, replayed
+                inputs = pad_micro_batches(micro, config.batch_size, config.graph_pad_multiple, pad_token_id)
+                loss = float(graphed(*inputs))
+                if graphed.grad_norm is not None:
+                    grad_norm = float(graphed.grad_norm)
+                scheduler.step()
+                graphed.adopt_lrs()
+            else:
+                loss_total = 0.0
+                for batch in micro:
+                    with _autocast(config, device):
+                        loss_sum, _ = causal_lm_loss(model, batch)
+                    (loss_sum / n_step).backward()
+                    loss_total += float(loss_sum.detach())
+                if config.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_total / n_step
             step += 1
             step_tokens = sum(b.n_tokens for b in micro)
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
-            loss = loss_total / n_step
             losses.append(loss)
             record = {
                 "step": step,
@@ -375,7 +480,10 @@ def train(
                 metrics_file.flush()
                 os.fsync(metrics_file.fileno())
                 trainer_state = {"data": order.state_dict(), "tokens": tokens_seen, "config": _jsonable(config)}
-                ckpt_io.save_checkpoint(out, step, model, optimizer, scheduler, trainer_state, config.keep_last)
+                extra_rng = {"graph": graphed.rng_state()} if graphed is not None else None
+                ckpt_io.save_checkpoint(
+                    out, step, model, optimizer, scheduler, trainer_state, config.keep_last, extra_rng=extra_rng
+                )
     progress.close()
 
     adapter_dir = None
