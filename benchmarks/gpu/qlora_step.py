@@ -225,6 +225,10 @@ def loss_match(steps: int, order: tuple[str, ...] = ("fast_graph", "fast", "refe
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(float(loss))
+                # Drop the last loss: its autograd graph keeps the parameters' AccumulateGrad nodes alive,
+                # and they remember the stream they were made on (the default one), which a later capture
+                # may not wait on (NOTES.md: the graph-after-eager failure).
+                loss = None
         model.model.checkpoint_fn = None
         model.zero_grad(set_to_none=True)
         curves[mode] = losses

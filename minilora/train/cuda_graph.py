@@ -307,7 +307,9 @@ class CUDAGraphStep:
                 f"capturing the training step for inputs {key} failed: {err}\n"
                 "Usual causes: a host synchronisation in loss_fn or the model (.item(), float(tensor), printing "
                 "a tensor, boolean-mask indexing or other data-dependent shapes), a CPU tensor copied to the GPU "
-                "inside the step, or a kernel compiled for the first time during capture (more warmup_steps)"
+                "inside the step, a kernel compiled for the first time during capture (more warmup_steps), or the "
+                "autograd graph of an earlier eager step still referenced (e.g. a `loss` variable: its "
+                "gradient-accumulation nodes stay bound to the stream they were made on; delete it first)"
             ) from err
         finally:
             if collect:
