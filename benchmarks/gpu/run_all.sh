@@ -5,7 +5,7 @@
 #
 # kernels: benchmarks/gpu/bench_kernels.py -> $OUT/kernels-h200.{md,json}
 # decode:  benchmarks/gpu/bench_decode.py  -> $OUT/decode-h200.{md,json}  (GEMV kernel, M = 1..16)
-# tests:   pytest -m gpu tests/kernels tests/train/test_cuda_graph.py -> $OUT/tests.log
+# tests:   pytest -m gpu tests/kernels tests/train -> $OUT/tests.log
 # qlora:   benchmarks/gpu/qlora_step.py    -> $OUT/qlora-h200.{md,json}
 # OUT defaults to benchmarks/results; QLORA_ARGS="--compile --graph" adds the torch.compile-per-block and whole-step CUDA graph variants. Needs torch with CUDA, triton, bitsandbytes, transformers, peft.
 set -o pipefail
@@ -18,7 +18,7 @@ for part in $parts; do
   case $part in
     kernels) timeout 200 python3 benchmarks/gpu/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" ;;
     decode) timeout 170 python3 benchmarks/gpu/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
-    tests) timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/train/test_cuda_graph.py 2>&1 | tee "$OUT/tests.log" ;;
+    tests) timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/train 2>&1 | tee "$OUT/tests.log" ;;
     qlora) timeout ${QLORA_TIMEOUT:-250} python3 benchmarks/gpu/qlora_step.py --out "$OUT" $QLORA_ARGS 2>&1 | tee "$OUT/qlora.log" ;;
     *) echo "unknown part $part (kernels, decode, tests, qlora)"; exit 2 ;;
   esac

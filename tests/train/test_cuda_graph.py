@@ -196,17 +196,36 @@ def test_a_replaced_learning_rate_is_refused() -> None:
         step(ids)
 
 
+_HOST_SYNC_SCRIPT = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from test_cuda_graph import CUDAGraphStep, _adapter, _loss, _tiny_model
+model = _tiny_model("cuda", 0.0)
+def syncing_loss(m, ids):
+    loss = _loss(m, ids)
+    if loss.item() < 0:  # a host synchronisation: fine eagerly, not in a graph
+        raise AssertionError("unreachable")
+    return loss
+step = CUDAGraphStep(model, torch.optim.AdamW(_adapter(model), lr=1e-3, capturable=True), syncing_loss)
+try:
+    step(torch.randint(0, 256, (2, 16), device="cuda"))
+except RuntimeError as err:
+    print("RAISED", "host synchronisation" in str(err))
+"""
+
+
 @pytest.mark.gpu
 def test_a_host_sync_in_the_loss_is_named_when_capture_fails() -> None:
-    """Last in the file: a failed capture is the one thing here that may leave CUDA state behind."""
-    model = _tiny_model("cuda", 0.0)
+    """In a child process: a failed capture can leave the CUDA context unusable for later tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    def syncing_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        loss = _loss(m, ids)
-        if loss.item() < 0:  # a host synchronisation: fine eagerly, not in a graph
-            raise AssertionError("unreachable")
-        return loss
-
-    step = CUDAGraphStep(model, torch.optim.AdamW(_adapter(model), lr=1e-3, capturable=True), syncing_loss)
-    with pytest.raises(RuntimeError, match="host synchronisation"):
-        step(torch.randint(0, 256, (2, 16), device="cuda"))
+    tests = str(Path(__file__).parent)
+    root = str(Path(__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", _HOST_SYNC_SCRIPT.format(tests=tests)], capture_output=True, text=True, env=env
+    )
+    assert "RAISED True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
