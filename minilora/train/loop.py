@@ -232,6 +232,20 @@ def accumulated_causal_lm_loss(
     return total / count
 
 
+def _match_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """After loading a checkpoint saved in the other mode (eager <-> CUDA graph): the groups' `capturable`
+    flag, the learning rate (a plain number when not capturable) and the step counts (on the parameters'
+    device when capturable) as this run needs them."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        if not capturable and torch.is_tensor(group["lr"]):
+            group["lr"] = float(group["lr"])
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if "step" in st and torch.is_tensor(st["step"]):
+                st["step"] = st["step"].to(p.device if capturable else "cpu", torch.float32)
+
+
 def _autocast(config: TrainConfig, device: torch.device, cache_enabled: bool = True) -> Any:
     use = config.bf16 == "yes" or (config.bf16 == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled) if use else nullcontext()
@@ -389,6 +403,7 @@ def train(
         state = ckpt_io.load_checkpoint_state(ckpt)
         ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
         optimizer.load_state_dict(state["optimizer"])
+        _match_capturable(optimizer, config.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         order.load_state_dict(state["trainer_state"]["data"])

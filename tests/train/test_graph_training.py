@@ -118,3 +118,15 @@ def test_graphed_training_resumes_exactly(tiny_dir: Path, byte_tok, tmp_path: Pa
     ckpt = tmp_path / "b" / "checkpoints" / "checkpoint-000003"
     resumed = _run(tiny_dir, byte_tok, tmp_path / "b", True, 0.1, resume=str(ckpt))
     assert resumed == straight
+
+
+@pytest.mark.gpu
+def test_an_eager_checkpoint_resumes_in_graph_mode_and_back(tiny_dir: Path, byte_tok, tmp_path: Path) -> None:
+    """Switching modes at a resume: optimizer flags, lr and step counts are converted; the curve goes on."""
+    eager = _run(tiny_dir, byte_tok, tmp_path / "a", False, 0.0, save_every=3, keep_last=5)
+    ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-000003"
+    graphed = _run(tiny_dir, byte_tok, tmp_path / "a", True, 0.0, resume=str(ckpt))
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-4, atol=1e-5)
+    graphed_run = _run(tiny_dir, byte_tok, tmp_path / "b", True, 0.0, save_every=3, keep_last=5)
+    back = _run(tiny_dir, byte_tok, tmp_path / "b", False, 0.0, resume=str(tmp_path / "b" / "checkpoints" / ckpt.name))
+    torch.testing.assert_close(torch.tensor(back), torch.tensor(graphed_run), rtol=2e-4, atol=1e-5)
