@@ -17,32 +17,15 @@ from minilora.generate import (
     top_p_filter,
 )
 
-TINY = dict(
-    vocab_size=259,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-    bos_token_id=256,
-    eos_token_id=257,
-    pad_token_id=258,
-)
-
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def models(hf_tiny_llama_dir: Path):
+    from transformers import LlamaForCausalLM
 
     from minilora.loading import from_pretrained
 
-    path: Path = tmp_path_factory.mktemp("tiny_gen")
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    hf.save_pretrained(path)
-    return hf, from_pretrained(path)
+    hf = LlamaForCausalLM.from_pretrained(hf_tiny_llama_dir).eval()
+    return hf, from_pretrained(hf_tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -23,30 +23,9 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("parity")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def test_minilora_qlora_matches_transformers_bitsandbytes_peft(checkpoint: Path, byte_tok, tmp_path: Path) -> None:
+def test_minilora_qlora_matches_transformers_bitsandbytes_peft(
+    hf_tiny_llama_dir: Path, byte_tok, tmp_path: Path
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
@@ -70,7 +49,7 @@ def test_minilora_qlora_matches_transformers_bitsandbytes_peft(checkpoint: Path,
     )
 
     # minilora
-    ours = from_pretrained(checkpoint, quantize="nf4", double_quant=True)
+    ours = from_pretrained(hf_tiny_llama_dir, quantize="nf4", double_quant=True)
     seed_everything(0)
     add_lora(ours, r=8, alpha=16, target_modules=ATTN)
     with torch.no_grad():  # a non-zero B so that step 1 already exercises both matrices
@@ -87,7 +66,9 @@ def test_minilora_qlora_matches_transformers_bitsandbytes_peft(checkpoint: Path,
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    ref = LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    ref = LlamaForCausalLM.from_pretrained(
+        hf_tiny_llama_dir, quantization_config=bnb, dtype=torch.float32, device_map="cpu"
+    )
     ref = get_peft_model(ref, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=ATTN))
     named = dict(ref.named_parameters())
     with torch.no_grad():
