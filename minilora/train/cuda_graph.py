@@ -218,9 +218,7 @@ class CUDAGraphStep:
         """The dropout streams of the checkpointed layers, by layer index (host tensors), for a checkpoint."""
         if self.checkpointer is None:
             return {}
-        layers = self._checkpointed_layers()
-        for layer in layers:
-            self.checkpointer._site(layer)
+        layers = self._ensure_sites()
         seeds, sites = self.checkpointer.get_state()
         return {"seeds": seeds, "sites": [list(sites[id(layer)]) for layer in layers]}
 
@@ -228,18 +226,20 @@ class CUDAGraphStep:
         """Resume the streams of :meth:`rng_state` (call before the first step, or between steps)."""
         if self.checkpointer is None or not state:
             return
-        layers = self._checkpointed_layers()
+        layers = self._ensure_sites()
         if len(state["sites"]) != len(layers):
             raise ValueError(f"saved dropout streams for {len(state['sites'])} layers, the model has {len(layers)}")
-        for layer in layers:
-            self.checkpointer._site(layer)
         self.checkpointer.set_state(
             (state["seeds"], {id(layer): tuple(pair) for layer, pair in zip(layers, state["sites"], strict=True)})
         )
 
-    def _checkpointed_layers(self) -> list[nn.Module]:
-        inner = getattr(self.model, "model", self.model)
-        return list(getattr(inner, "layers", []))
+    def _ensure_sites(self) -> list[nn.Module]:
+        """The checkpointed layers, each with its site, created in the order the forward meets them."""
+        assert self.checkpointer is not None
+        layers = list(getattr(getattr(self.model, "model", self.model), "layers", []))
+        for layer in layers:
+            self.checkpointer._site(layer)
+        return layers
 
     def _check_lrs(self) -> None:
         for i, (group, value) in enumerate(zip(self.optimizer.param_groups, self._lrs, strict=True)):
@@ -289,7 +289,7 @@ class CUDAGraphStep:
         torch.cuda.set_rng_state(rng, self.device)  # and the random streams: the first replay draws what
         if self.checkpointer is not None and sites is not None:  # an eager first step would have drawn
             self.checkpointer.set_state(sites)
-            self._warm_sites()
+            self._ensure_sites()  # the sites set_state dropped, made again alike
         del saved_params, saved_state  # not kept through the capture: it should not add to the peak
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
@@ -316,12 +316,6 @@ class CUDAGraphStep:
                 gc.enable()
         logger.info("captured a training step for inputs %s", key)
         self.graphs[key] = (graph, static, loss, norm)
-
-    def _warm_sites(self) -> None:
-        """Re-create the sites that set_state dropped, in the order the forward meets them (same seeds)."""
-        assert self.checkpointer is not None
-        for layer in self._checkpointed_layers():
-            self.checkpointer._site(layer)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self._check_lrs()

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.models.llama import position_ids_from_mask
 from minilora.train import checkpoint as ckpt_io
 from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
 from minilora.train.weight_cache import cached_dequantize
@@ -191,7 +192,7 @@ def pad_micro_batches(
         ids[i, :n, :t], labels[i, :n, :t], mask[i, :n, :t] = b.input_ids, b.labels, b.attention_mask
         mask[i, :n, t:] = 0
         if positions is not None:
-            pos = b.position_ids if b.position_ids is not None else b.attention_mask.cumsum(-1).clamp(min=1) - 1
+            pos = b.position_ids if b.position_ids is not None else position_ids_from_mask(b.attention_mask, t)
             positions[i, :n, :t] = pos
     return (ids, labels, mask) if positions is None else (ids, labels, mask, positions)
 
