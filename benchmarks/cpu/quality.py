@@ -351,10 +351,11 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
             "Stored codes, minilora vs bitsandbytes' CUDA kernels (counts summed over tensors)",
             CODES_HEADER,
             _codes_rows(all_records),
-            note="minilora quantizes on the GPU with the same ops as on CPU; its double quant rounds the nested "
-            "8-bit absmax codes by bitsandbytes' CPU rule (a 65536-point grid) by default. bitsandbytes' CUDA "
-            "kernel rounds them to the nearest code. The 'nearest' columns re-run minilora's double quant with "
-            '`quantize_blockwise_8bit(..., rounding="nearest")` on the same absmax.',
+            note="On a CUDA tensor minilora follows bitsandbytes' CUDA kernels (rounding='bnb_cuda', the default "
+            "there): the GPU's approximate division for the scales, bitsandbytes' float32 decision boundaries, FP4's "
+            "sign-first rule and the binary search of its 8-bit double-quant codes (minilora/quant/blockwise.py). "
+            "The 'nearest' columns re-run minilora's double quant with "
+            '`quantize_blockwise_8bit(..., rounding="nearest")` on the same absmax, for comparison.',
         )
     for scheme, r in {**{f"gaussian {k}": v for k, v in gaussian.items()}, **smol}.items():
         if r["identical_tensors"] != r["tensors"]:

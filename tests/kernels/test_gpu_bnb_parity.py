@@ -1,0 +1,84 @@
+"""minilora's quantizers on a CUDA tensor against bitsandbytes' CUDA kernels, byte for byte (skipped without CUDA).
+
+On CUDA, minilora follows bitsandbytes' CUDA rounding (minilora/quant/blockwise.py, "bitsandbytes' CUDA
+rounding"; kernels/fastdiv.py): the packed 4-bit codes, absmax, double-quant codes, nested absmax and offset,
+and the int8 codes and SCB must equal what bitsandbytes stores for the same tensor on the same device.
+
+    pytest -m gpu tests/kernels
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minilora.quant import VALID_BLOCKSIZES, quantize_4bit, quantize_int8_rowwise
+
+pytestmark = pytest.mark.gpu
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+
+def weights(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Gaussian weights (std 0.02) with awkward blocks in front: zeros, tiny values, and coarse multiples of a
+    power of two, whose ratios to the block's absmax land exactly on decision boundaries."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, generator=g, device="cuda") * 0.02
+    flat = x.view(-1)
+    flat[:128] = 0.0
+    flat[128:192] = torch.randn(64, generator=g, device="cuda") * 1e-30
+    flat[192:4288] = torch.randint(-64, 65, (4096,), generator=g, device="cuda").float() / 1024
+    return x.to(dtype)
+
+
+def differing(a: torch.Tensor, b: torch.Tensor) -> str:
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    d = (a != b).nonzero().view(-1)
+    return f"{d.numel()} of {a.numel()} differ, first at {d[:5].tolist()}: {a[d[:5]].tolist()} vs {b[d[:5]].tolist()}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_4bit_bytes_equal_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype) -> None:
+    for seed, shape in enumerate([(1024, 1024), (333, 777)]):  # the second: odd size, partial last blocks
+        x = weights(shape, dtype, seed)
+        for blocksize in [b for b in VALID_BLOCKSIZES if b >= 64]:  # bitsandbytes' CUDA kernel: 64 .. 4096
+            for double_quant in (False, True):
+                where = f"{shape} blocksize {blocksize} double_quant {double_quant}"
+                packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=double_quant)
+                theirs, their_state = bnbF.quantize_4bit(
+                    x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+                )
+                assert torch.equal(packed.view(-1), theirs.view(-1)), f"codes, {where}: {differing(packed, theirs)}"
+                assert torch.equal(state.absmax, their_state.absmax), f"absmax, {where}"
+                if double_quant:
+                    assert torch.equal(state.state2.absmax, their_state.state2.absmax), f"nested absmax, {where}"
+                    assert torch.equal(state.offset.reshape(-1), their_state.offset.reshape(-1)), f"offset, {where}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_bytes_equal_bitsandbytes_cuda_on_a_large_weight(quant_type: str) -> None:
+    # 16.8M values: enough boundary cases that an IEEE division instead of bitsandbytes' approximate one
+    # changes hundreds of FP4 codes in bfloat16 (benchmarks/gpu/rounding_probe.py).
+    for dtype in (torch.bfloat16, torch.float32):
+        x = weights((4096, 4096), dtype, seed=7)
+        packed, state = quantize_4bit(x, 64, quant_type, compress_statistics=True)
+        theirs, their_state = bnbF.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=True)
+        assert torch.equal(packed.view(-1), theirs.view(-1)), f"{dtype}: {differing(packed, theirs)}"
+        assert torch.equal(state.absmax, their_state.absmax), dtype
+        assert torch.equal(state.state2.absmax, their_state.state2.absmax), dtype
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (333, 777)])
+def test_int8_codes_and_scales_equal_bitsandbytes_cuda(shape: tuple[int, int]) -> None:
+    g = torch.Generator(device="cuda").manual_seed(11)
+    w = torch.randn(shape, generator=g, device="cuda") * 0.5
+    w[3] = 0.0  # a zero row
+    w[5, :64] = torch.randint(-64, 65, (64,), generator=g, device="cuda").float() / 64  # exact ratios
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        cb, scb = quantize_int8_rowwise(w.to(dtype))
+        # bitsandbytes' CUDA kernel takes float16 (Int8Params casts the weight to it before quantizing).
+        their_cb, their_scb, _ = bnbF.int8_vectorwise_quant(w.to(dtype).half(), threshold=0.0)
+        assert torch.equal(cb, their_cb), f"{dtype}: {differing(cb, their_cb)}"
+        assert torch.equal(scb, their_scb.float()), dtype
