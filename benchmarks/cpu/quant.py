@@ -11,10 +11,11 @@ minilora's CPU dequantize of a large weight runs a kernel built by torch.compile
 compiled at its first call in the process: that first call is timed on its own ("first call ms"), before the
 warm-up; one compile serves every shape, so only the first weight pays it.
 
-With `--device cuda` the weights live on the GPU and bitsandbytes runs its CUDA kernels; every timed call is
-synchronized and the peak memory is torch.cuda.max_memory_allocated above the allocation before the call.
-The nested 8-bit absmax codes of double quant may then differ (bitsandbytes' CUDA kernel rounds to the
-nearest code, minilora follows bitsandbytes' CPU rule by default): the number of differing codes is reported.
+With `--device cuda` the weights live on the GPU: bitsandbytes runs its CUDA kernels, minilora its Triton
+kernels (kernels/quantize.py for the 4-bit codes, kernels/dequant.py; the double quant of the absmax stays in
+PyTorch ops). Every timed call is synchronized and the peak memory is torch.cuda.max_memory_allocated above the
+allocation before the call. minilora follows bitsandbytes' CUDA rounding there, so the stored bytes must be
+identical; any differing codes are counted and reported.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def main() -> None:
 
         # ---- correctness: bit identity with the reference, and with bitsandbytes on its own data ----
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ref = dequantize_4bit(packed, state, dtype)
+            with reference_mode():
+                ref = dequantize_4bit(packed, state, dtype)
             got = kdequant.dequantize_4bit_triton(packed, state, dtype)
             record["checks"].append(
                 {"what": f"dequant {name} nf4+dq -> {dtype}", "bit_identical": bool(torch.equal(bits(ref), bits(got)))}
@@ -122,7 +123,8 @@ def main() -> None:
             lambda: kdequant.dequantize_4bit_triton(packed, state, torch.bfloat16)
         )
         row["bnb_cpu_launch_us"] = cpu_launch_us(lambda: bnbF.dequantize_4bit(bpacked, bqs))
-        row["reference_eager_us"] = bench_us(lambda: dequantize_4bit(packed, state, torch.bfloat16), rep_ms=100)
+        with reference_mode():
+            row["reference_eager_us"] = bench_us(lambda: dequantize_4bit(packed, state, torch.bfloat16), rep_ms=100)
         for key in ("triton", "bnb", "triton_graph", "bnb_graph"):
             tbs = nbytes / (row[f"{key}_us"] * 1e-6) / 1e12
             row[f"{key}_TBps"] = tbs

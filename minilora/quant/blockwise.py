@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..kernels.dispatch import reference_forced, triton_available
 from . import compiled
-from .codebooks import get_code
+from .codebooks import get_code, get_code_on
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
 
 # Work on at most this many elements at once: a chunk's float32 scratch is 4 MB, so quantizing or
@@ -238,6 +238,15 @@ def _cuda_code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     return magnitude + (scaled < 0).to(torch.uint8) * 8
 
 
+def _pad_index(quant_type: str, rounding: str, absmax: torch.Tensor) -> int:
+    """The code stored in the unused low nibble of an odd count: that of a 0 in the last block. On CUDA, 0 in an
+    all-zero block scales to NaN (index 0), as bitsandbytes' kernel reads past the end as zeros."""
+    if rounding == "bnb_cpu":
+        return _index_of_zero(quant_type)
+    scaled = torch.tensor([float("nan") if float(absmax[-1]) == 0 else 0.0])
+    return int(_cuda_code_index(scaled, quant_type)[0])
+
+
 def _index_of_zero(quant_type: str) -> int:
     """The code index that 0.0 rounds to: the padding of an odd element count."""
     midpoints, order = _sorted_midpoints(get_code(quant_type))
@@ -265,13 +274,22 @@ def quantize_4bit(
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
     _check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
-    q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type, rounding)
-    _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # NaN/Inf show in their block's absmax
-    packed = pack_4bit(q, pad_index=_index_of_zero(quant_type))
+    rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
+    if rounding == "bnb_cuda" and x.is_cuda and triton_available() and not reference_forced():
+        # the same rule in one Triton launch (kernels/quantize.py)
+        from ..kernels.quantize import quantize_4bit_triton
+
+        boundaries, rank_to_index = _cuda_boundaries(quant_type)
+        packed, absmax = quantize_4bit_triton(x.detach(), blocksize, boundaries, rank_to_index, quant_type == "fp4")
+        _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # the kernel passes NaN/Inf into the absmax
+    else:
+        q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type, rounding)
+        _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # NaN/Inf show in their block's absmax
+        packed = pack_4bit(q, pad_index=_pad_index(quant_type, rounding, absmax))
     state = QuantState(
         absmax=absmax,
         shape=x.shape,
-        code=get_code(quant_type).to(x.device).clone(),
+        code=get_code_on(quant_type, x.device).clone(),
         blocksize=blocksize,
         quant_type=quant_type,
         dtype=x.dtype,
@@ -295,6 +313,18 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
 
 
+def _triton_dequantize_applies(packed: torch.Tensor, dtype: torch.dtype) -> bool:
+    """CUDA uint8 codes, a float output, Triton importable, the reference not forced, not inside a trace."""
+    return (
+        packed.is_cuda
+        and packed.dtype == torch.uint8
+        and dtype in FLOAT_DTYPES
+        and triton_available()
+        and not reference_forced()
+        and not torch.compiler.is_compiling()
+    )
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype).
 
@@ -303,15 +333,21 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 
     Large CPU tensors first go through compiled.py, which computes the same bits in one vectorized loop
     (a table lookup cannot be vectorized in eager PyTorch); the loop below is the reference, and finishes
-    what the compiled kernel leaves: a partial last block.
+    what the compiled kernel leaves: a partial last block. CUDA tensors go to the Triton kernel
+    (minilora/kernels/dequant.py, the same bits in one launch). `with minilora.kernels.reference_mode():`
+    (or MINILORA_REFERENCE=1) runs the loop below everywhere.
     """
     n, blocksize = state.numel, state.blocksize
     if packed.numel() * 2 < n:
         raise ValueError(
             f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
         )
-    absmax = dequantize_absmax(state)
     dtype = dtype or state.dtype
+    if _triton_dequantize_applies(packed, dtype):
+        from ..kernels.dequant import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, state, dtype)
+    absmax = dequantize_absmax(state)
     done = 0  # elements already written by the compiled kernel
     if compiled.use_compiled(packed, n, dtype) and n >= blocksize:
         fast = compiled.dequantize_blocks(packed, absmax, state.code, blocksize, n // blocksize, dtype)
@@ -369,6 +405,10 @@ def quantize_blockwise_8bit(
     or "nearest" (the nearest code, ties to the lower one).
     """
     if rounding == "bnb_cuda":
+        if x.is_cuda and triton_available() and not reference_forced():
+            from ..kernels.quantize import quantize_8bit_triton  # the same rule in one launch
+
+            return quantize_8bit_triton(x, code, blocksize)
         absmax, scaled = _scale_blocks_cuda(x.reshape(-1), blocksize)
         return _bnb_cuda_8bit_index(scaled, code.float()).to(torch.uint8), absmax
     flat = x.reshape(-1).float()
@@ -436,7 +476,7 @@ def double_quantize(state: QuantState, nested_blocksize: int = 256) -> QuantStat
     """
     assert state.state2 is None, "state is already double quantized"
     offset = state.absmax.mean()
-    code8 = get_code("dynamic").to(state.absmax.device)
+    code8 = get_code_on("dynamic", state.absmax.device)
     # bitsandbytes rounds the nested codes differently on each device: its CPU kernel through a 65536-point
     # grid, its CUDA kernel by a binary search. Follow the kernel of the device the tensor is on.
     rounding = "bnb_cuda" if state.absmax.is_cuda else "bnb_cpu"

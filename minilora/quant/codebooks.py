@@ -101,6 +101,15 @@ def derive_dynamic_code() -> torch.Tensor:
 _CODES: dict[str, torch.Tensor] = {}
 
 
+def get_code_on(name: str, device: torch.device | str) -> torch.Tensor:
+    """`get_code(name)` on `device`, copied there once (cached; callers must not modify it): a quantizer on
+    the GPU then clones it on the device instead of copying from the host at every call."""
+    key = f"{name}@{torch.device(device)}"
+    if key not in _CODES:
+        _CODES[key] = get_code(name).to(device)
+    return _CODES[key]
+
+
 def get_code(name: str) -> torch.Tensor:
     """The float32 table for "nf4", "fp4" or "dynamic" (cached; callers must not modify it)."""
     if name not in _CODES:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.quant import VALID_BLOCKSIZES, quantize_4bit, quantize_int8_rowwise
+from minilora.quant import VALID_BLOCKSIZES, pack_4bit, quantize_4bit, quantize_4bit_codes, quantize_int8_rowwise
+from minilora.quant.blockwise import _pad_index
 
 pytestmark = pytest.mark.gpu
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -20,13 +21,16 @@ bnbF = pytest.importorskip("bitsandbytes.functional")
 
 def weights(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Gaussian weights (std 0.02) with awkward blocks in front: zeros, tiny values, and coarse multiples of a
-    power of two, whose ratios to the block's absmax land exactly on decision boundaries."""
+    power of two, whose ratios to the block's absmax land exactly on decision boundaries; the last 3 values
+    are zeros (with an odd count, an all-zero partial block whose padding nibble is stored too)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(shape, generator=g, device="cuda") * 0.02
     flat = x.view(-1)
     flat[:128] = 0.0
     flat[128:192] = torch.randn(64, generator=g, device="cuda") * 1e-30
-    flat[192:4288] = torch.randint(-64, 65, (4096,), generator=g, device="cuda").float() / 1024
+    end = min(4288, flat.numel() - 3)
+    flat[192:end] = torch.randint(-64, 65, (end - 192,), generator=g, device="cuda").float() / 1024
+    flat[-3:] = 0.0
     return x.to(dtype)
 
 
@@ -41,7 +45,8 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> str:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_4bit_bytes_equal_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype) -> None:
-    for seed, shape in enumerate([(1024, 1024), (333, 777)]):  # the second: odd size, partial last blocks
+    # the second and third: odd sizes, partial last blocks; the third's last block holds only its 3 zeros
+    for seed, shape in enumerate([(1024, 1024), (333, 777), (1, 64 * 5 + 3)]):
         x = weights(shape, dtype, seed)
         for blocksize in [b for b in VALID_BLOCKSIZES if b >= 64]:  # bitsandbytes' CUDA kernel: 64 .. 4096
             for double_quant in (False, True):
@@ -82,3 +87,47 @@ def test_int8_codes_and_scales_equal_bitsandbytes_cuda(shape: tuple[int, int]) -
         their_cb, their_scb, _ = bnbF.int8_vectorwise_quant(w.to(dtype).half(), threshold=0.0)
         assert torch.equal(cb, their_cb), f"{dtype}: {differing(cb, their_cb)}"
         assert torch.equal(scb, their_scb.float()), dtype
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_triton_quantize_equals_the_pytorch_rule(quant_type: str) -> None:
+    """quantize_4bit on CUDA runs kernels/quantize.py; quantize_4bit_codes runs the same rule in PyTorch ops."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for blocksize in VALID_BLOCKSIZES:  # 32 too, which bitsandbytes' CUDA kernel lacks
+            for seed, shape in enumerate([(256, 512), (37, 129), (1, 64 * 5 + 3)]):
+                x = weights(shape, dtype, seed)
+                packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)
+                q, absmax = quantize_4bit_codes(x, blocksize, quant_type, rounding="bnb_cuda")
+                expected = pack_4bit(q, pad_index=_pad_index(quant_type, "bnb_cuda", absmax))
+                where = f"{dtype} blocksize {blocksize} shape {shape}"
+                assert torch.equal(packed, expected), f"{where}: {differing(packed, expected)}"
+                assert torch.equal(state.absmax, absmax), where
+
+
+def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
+    from minilora.quant import get_code
+    from minilora.quant.blockwise import _bnb_cuda_8bit_index, _scale_blocks_cuda, quantize_blockwise_8bit
+
+    code = get_code("dynamic").cuda()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.cat(
+        [
+            torch.randn(100_000, generator=g, device="cuda"),
+            torch.zeros(300, device="cuda"),  # an all-zero block
+            (code[:-1] + code[1:]) * 0.5,  # every midpoint (a block whose absmax is 1 after the zeros)
+            code,
+        ]
+    )
+    q, absmax = quantize_blockwise_8bit(x, code, 256, rounding="bnb_cuda")  # the Triton kernel
+    ref_absmax, scaled = _scale_blocks_cuda(x, 256)
+    ref = _bnb_cuda_8bit_index(scaled, code.float()).to(torch.uint8)
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(q, ref), differing(q, ref)
+
+
+def test_nan_and_inf_are_refused_on_the_gpu_path() -> None:
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(64, 128, device="cuda")
+        x[5, 7] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize_4bit(x, 64, "nf4")

@@ -13,6 +13,7 @@ from minilora.quant import get_code, quantize_4bit, quantize_4bit_codes
 from minilora.quant.blockwise import (
     _bnb_cuda_8bit_index,
     _cuda_boundaries,
+    _pad_index,
     _sorted_midpoints,
     float32_from_decimal,
     quantize_blockwise_8bit,
@@ -100,3 +101,14 @@ def test_rounding_defaults_to_the_device_and_rejects_unknown_names():
         quantize_4bit(x, 64, "nf4", rounding="nearest-ish")
     with pytest.raises(ValueError, match="rounding"):
         quantize_blockwise_8bit(x, get_code("dynamic"), 256, rounding="bnb_gpu")
+
+
+def test_padding_nibble_of_an_odd_count_is_the_code_of_zero_in_its_block():
+    nonzero_end, zero_end = torch.zeros(65), torch.zeros(65)
+    nonzero_end[64] = 0.5  # the last (partial) block holds 0.5: the padding value 0 scales to 0
+    for quant_type, zero_code in (("nf4", 7), ("fp4", 0)):
+        packed, _ = quantize_4bit(nonzero_end, 64, quant_type, compress_statistics=False, rounding="bnb_cuda")
+        assert int(packed[-1]) & 15 == zero_code
+        packed, state = quantize_4bit(zero_end, 64, quant_type, compress_statistics=False, rounding="bnb_cuda")
+        assert int(packed[-1]) & 15 == 0 and state.absmax[-1].item() == 0.0  # 0 * inf: NaN -> index 0
+        assert _pad_index(quant_type, "bnb_cpu", state.absmax) == zero_code  # the CPU pads with the code of 0
