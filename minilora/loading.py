@@ -201,10 +201,11 @@ def _plan(model: LlamaForCausalLM, ckpt: CheckpointReader, directory: Path) -> d
 
 # ---------------------------------------------------------------------------------------------- loading
 def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
-    tensor = ckpt.get(key)
+    """One tensor on `device`, cast to `dtype`: on a GPU read there first (page-locked copies) and cast there."""
+    tensor = ckpt.get_on(key, device)
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
-    return tensor.to(device)
+    return tensor
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

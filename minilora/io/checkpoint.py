@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pickle
 import struct
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+# Bytes per page-locked staging buffer when reading onto a GPU (two are used in turn): large enough for the
+# copies to run near PCIe speed, small enough to cost little host memory.
+STAGING_BYTES = 16 << 20
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
@@ -71,6 +75,7 @@ class CheckpointReader:
         self.allow_pickle = allow_pickle
         self._handles: dict[Path, Any] = {}  # safe_open handles, or state dicts for pickle files
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}  # safetensors header, data offset
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # page-locked buffers (get_on, CUDA)
         self.is_pickle = False
         if path.is_file():
             self.source = path  # what error messages call "the checkpoint"
@@ -192,20 +197,67 @@ class CheckpointReader:
         handle = self._open(file)
         if self.is_pickle:
             return handle[key]
+        start, shape, dtype = self._locate(key)
+        out = torch.empty(shape, dtype=dtype)
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
+        with open(file, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise CheckpointError(f"{file}: cannot read key {key!r}: the file is truncated")
+        return out
+
+    def get_on(self, key: str, device: torch.device | str) -> torch.Tensor:
+        """Read one tensor (in its stored dtype) onto `device`.
+
+        For a CUDA device the bytes go through two small page-locked buffers in turn (STAGING_BYTES each):
+        the file is read into one while the other is copied to the GPU, so no host tensor of the whole size
+        is made, and the copies run at page-locked speed. (Reading into a fresh host tensor and then copying
+        it took 0.62 s of a 0.82 s load of 1.39 GB on an H200 host: page faults, a pageable copy, a CPU cast;
+        benchmarks/gpu/loading_probe.py.)
+        """
+        device = torch.device(device)
+        if device.type != "cuda" or self.is_pickle:
+            return self.get(key).to(device)
+        file = self.file_of(key)
+        self._open(file)
+        start, shape, dtype = self._locate(key)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        target = out.reshape(-1).view(torch.uint8)
+        stream = torch.cuda.current_stream(device)
+        with open(file, "rb") as f:
+            f.seek(start)
+            for k, begin in enumerate(range(0, target.numel(), STAGING_BYTES)):
+                size = min(STAGING_BYTES, target.numel() - begin)
+                buffer, done = self._staging_buffer(k % 2)
+                done.synchronize()  # this buffer's previous copy has finished
+                if f.readinto(memoryview(buffer[:size].numpy())) != size:
+                    raise CheckpointError(f"{file}: cannot read key {key!r}: the file is truncated")
+                target[begin : begin + size].copy_(buffer[:size], non_blocking=True)
+                done.record(stream)
+        return out
+
+    def _staging_buffer(self, k: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Page-locked host buffer k (0 or 1) and the event of its last copy, made on first use."""
+        while len(self._staging) <= k:
+            buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._staging.append((buffer, done))
+        return self._staging[k]
+
+    def _locate(self, key: str) -> tuple[int, list[int], torch.dtype]:
+        """(file offset of the data, shape, dtype) of a safetensors entry, its header checked."""
+        file = self.file_of(key)
         header, data_start = self._header(file)
         info = header.get(key)
         if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
             raise CheckpointError(f"{file}: cannot read key {key!r}: bad or unsupported header entry {info!r}")
         begin, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-        buffer = out.reshape(-1).view(torch.uint8).numpy()
-        if buffer.nbytes != end - begin:
-            raise CheckpointError(f"{file}: key {key!r} spans {end - begin} bytes, its shape needs {buffer.nbytes}")
-        with open(file, "rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(memoryview(buffer)) != buffer.nbytes:
-                raise CheckpointError(f"{file}: cannot read key {key!r}: the file is truncated")
-        return out
+        dtype = _ST_DTYPES[info["dtype"]]
+        needed = math.prod(info["shape"]) * torch.empty(0, dtype=dtype).element_size()
+        if needed != end - begin:
+            raise CheckpointError(f"{file}: key {key!r} spans {end - begin} bytes, its shape needs {needed}")
+        return data_start + begin, info["shape"], dtype
 
     def _header(self, file: Path) -> tuple[dict[str, Any], int]:
         """The parsed safetensors header of `file` and the offset where its data starts (cached)."""
@@ -223,8 +275,11 @@ class CheckpointReader:
         return self._open(next(iter(self.weight_map.values()))).metadata() or {}
 
     def close(self) -> None:
-        """Drop the file handles (the memory maps close with them)."""
+        """Drop the file handles (the memory maps close with them) and the staging buffers."""
         self._handles.clear()
+        for _, done in self._staging:
+            done.synchronize()
+        self._staging.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
