@@ -7,7 +7,8 @@ The loading recipe (gpt-fast's, and QLoRA's section 3 for what gets quantized):
 3. check every checkpoint key and shape against the model from the file headers alone, so a bad file is
    refused before any weight is read (never a half-loaded model);
 4. stream the tensors one at a time: each is read, cast to ``dtype``, moved to ``device`` and put in
-   place. With ``quantize`` set, each decoder projection (q, k, v, o, gate, up, down; never the
+   place (onto a GPU it is read through page-locked buffers and cast there:
+   ``CheckpointReader.get_on``). With ``quantize`` set, each decoder projection (q, k, v, o, gate, up, down; never the
    embeddings or the output head) is quantized as it arrives and swapped for a ``Linear4bit`` /
    ``Linear8bit``, so peak memory stays near the quantized model's size plus one float weight.
 

@@ -12,8 +12,8 @@ compiled at its first call in the process: that first call is timed on its own (
 warm-up; one compile serves every shape, so only the first weight pays it.
 
 With `--device cuda` the weights live on the GPU: bitsandbytes runs its CUDA kernels, minilora its Triton
-kernels (kernels/quantize.py for the 4-bit codes, kernels/dequant.py; the double quant of the absmax stays in
-PyTorch ops). Every timed call is synchronized and the peak memory is torch.cuda.max_memory_allocated above the
+kernels (kernels/quantize.py for the 4-bit codes and the 8-bit double-quant codes, kernels/dequant.py).
+Every timed call is synchronized and the peak memory is torch.cuda.max_memory_allocated above the
 allocation before the call. minilora follows bitsandbytes' CUDA rounding there, so the stored bytes must be
 identical; any differing codes are counted and reported.
 """

@@ -75,7 +75,9 @@ class CheckpointReader:
         self.allow_pickle = allow_pickle
         self._handles: dict[Path, Any] = {}  # safe_open handles, or state dicts for pickle files
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}  # safetensors header, data offset
-        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # page-locked buffers (get_on, CUDA)
+        # page-locked buffers of get_on (CUDA), each with the event of the last copy made from it
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._staged = 0  # copies made through them so far
         self.is_pickle = False
         if path.is_file():
             self.source = path  # what error messages call "the checkpoint"
@@ -223,27 +225,31 @@ class CheckpointReader:
         start, shape, dtype = self._locate(key)
         out = torch.empty(shape, dtype=dtype, device=device)
         target = out.reshape(-1).view(torch.uint8)
-        stream = torch.cuda.current_stream(device)
-        with open(file, "rb") as f:
+        with torch.cuda.device(device), open(file, "rb") as f:  # the copies go on the target device's stream
+            stream = torch.cuda.current_stream(device)
             f.seek(start)
-            for k, begin in enumerate(range(0, target.numel(), STAGING_BYTES)):
+            for begin in range(0, target.numel(), STAGING_BYTES):
                 size = min(STAGING_BYTES, target.numel() - begin)
-                buffer, done = self._staging_buffer(k % 2)
-                done.synchronize()  # this buffer's previous copy has finished
+                buffer = self._next_staging_buffer()  # waits until its previous copy has finished
                 if f.readinto(memoryview(buffer[:size].numpy())) != size:
                     raise CheckpointError(f"{file}: cannot read key {key!r}: the file is truncated")
                 target[begin : begin + size].copy_(buffer[:size], non_blocking=True)
+                done = torch.cuda.Event()  # a fresh event each time: the next copy may go to another device
                 done.record(stream)
+                self._staging[self._staged % 2] = (buffer, done)
+                self._staged += 1
         return out
 
-    def _staging_buffer(self, k: int) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Page-locked host buffer k (0 or 1) and the event of its last copy, made on first use."""
-        while len(self._staging) <= k:
-            buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._staging.append((buffer, done))
-        return self._staging[k]
+    def _next_staging_buffer(self) -> torch.Tensor:
+        """The page-locked buffer to fill next (they alternate across calls, so consecutive tensors overlap
+        too), once the copy made from it last has finished; made on first use."""
+        k = self._staged % 2
+        if len(self._staging) <= k:
+            self._staging.append((torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True), None))
+        buffer, done = self._staging[k]
+        if done is not None:
+            done.synchronize()
+        return buffer
 
     def _locate(self, key: str) -> tuple[int, list[int], torch.dtype]:
         """(file offset of the data, shape, dtype) of a safetensors entry, its header checked."""
@@ -278,7 +284,8 @@ class CheckpointReader:
         """Drop the file handles (the memory maps close with them) and the staging buffers."""
         self._handles.clear()
         for _, done in self._staging:
-            done.synchronize()
+            if done is not None:
+                done.synchronize()
         self._staging.clear()
 
     def __enter__(self) -> CheckpointReader:

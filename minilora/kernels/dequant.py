@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..quant.state import QuantState
+from .dispatch import launch_device
 
 # Bytes of packed input per program (NB = TILE_BYTES // (blocksize / 2) blocks, at least one).
 TILE_BYTES = 4096
@@ -117,24 +118,25 @@ def dequantize_4bit_triton(
     nb = max(1, TILE_BYTES // half)
     n_blocks = state.n_blocks
     grid = (triton.cdiv(n_blocks, nb),)
-    _dequantize_4bit_kernel[grid](
-        packed.reshape(-1),
-        absmax,
-        code,
-        nested,
-        code8,
-        offset,
-        target.view(_WORD_DTYPES[dtype]),
-        (n + 1) // 2,
-        n_blocks,
-        HALF=half,
-        NB=nb,
-        NESTED=state.state2 is not None,
-        NESTED_BS=state.state2.blocksize if state.state2 is not None else 256,
-        OUT_DTYPE=_TL_DTYPES[dtype],
-        num_warps=4,
-        enable_fp_fusion=False,
-    )
+    with launch_device(packed):
+        _dequantize_4bit_kernel[grid](
+            packed.reshape(-1),
+            absmax,
+            code,
+            nested,
+            code8,
+            offset,
+            target.view(_WORD_DTYPES[dtype]),
+            (n + 1) // 2,
+            n_blocks,
+            HALF=half,
+            NB=nb,
+            NESTED=state.state2 is not None,
+            NESTED_BS=state.state2.blocksize if state.state2 is not None else 256,
+            OUT_DTYPE=_TL_DTYPES[dtype],
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
     if n % 2:
         out.reshape(-1).copy_(target[:n])
     return out

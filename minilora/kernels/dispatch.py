@@ -61,6 +61,12 @@ def triton_available() -> bool:
     return _triton
 
 
+def launch_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """`with launch_device(x):` around a Triton launch: Triton launches on the *current* CUDA device, so a tensor
+    on another GPU needs its own made current. A no-op for CPU tensors (the Triton interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def use_fast_path(x: torch.Tensor) -> bool:
     """True when the Triton kernels should handle tensor `x`."""
     return x.is_cuda and not reference_forced() and triton_available()

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import launch_device
+
 BLOCK = 1024
 
 
@@ -40,5 +42,6 @@ def approx_divide(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(den)
     n = den.numel()
     if n:
-        _approx_divide_kernel[(triton.cdiv(n, BLOCK),)](den, out, float(numerator), n, BLOCK=BLOCK)
+        with launch_device(den):
+            _approx_divide_kernel[(triton.cdiv(n, BLOCK),)](den, out, float(numerator), n, BLOCK=BLOCK)
     return out

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..quant.state import QuantState
 from .dequant import _state_pointers
+from .dispatch import launch_device
 
 # The CPU interpreter (TRITON_INTERPRET=1) cannot run inline PTX: it takes the tl.load lookup instead.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -211,30 +212,31 @@ def gemv_4bit(
     block_kb = max(block_kb, chunk)
     assert half_k % block_kb == 0 and block_kb % chunk == 0, (half_k, block_kb, chunk)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _gemv_4bit_kernel[grid](
-        words,
-        packed.reshape(-1),
-        absmax,
-        code,
-        nested,
-        code8,
-        offset,
-        y,
-        m,
-        n,
-        words.stride(0),
-        y.stride(0),
-        HALF_K=half_k,
-        HALF_BS=half_bs,
-        C=chunk,
-        NESTED=state.state2 is not None,
-        NESTED_BS=state.state2.blocksize if state.state2 is not None else 256,
-        X_BF16=x.dtype == torch.bfloat16,
-        BLOCK_M=max(cfg["BLOCK_M"], 1 if m == 1 else triton.next_power_of_2(m)),
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_KB=block_kb,
-        ASM=not _INTERPRETED,
-        num_warps=cfg.get("num_warps", 4),
-        num_stages=cfg.get("num_stages", 1),
-    )
+    with launch_device(x):
+        _gemv_4bit_kernel[grid](
+            words,
+            packed.reshape(-1),
+            absmax,
+            code,
+            nested,
+            code8,
+            offset,
+            y,
+            m,
+            n,
+            words.stride(0),
+            y.stride(0),
+            HALF_K=half_k,
+            HALF_BS=half_bs,
+            C=chunk,
+            NESTED=state.state2 is not None,
+            NESTED_BS=state.state2.blocksize if state.state2 is not None else 256,
+            X_BF16=x.dtype == torch.bfloat16,
+            BLOCK_M=max(cfg["BLOCK_M"], 1 if m == 1 else triton.next_power_of_2(m)),
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_KB=block_kb,
+            ASM=not _INTERPRETED,
+            num_warps=cfg.get("num_warps", 4),
+            num_stages=cfg.get("num_stages", 1),
+        )
     return y.reshape(*x.shape[:-1], n)

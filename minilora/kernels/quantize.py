@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import launch_device
+
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # 2**-126: below it, fast-math code sees zero
 TILE_VALUES = 4096  # values per program: NB = TILE_VALUES // blocksize blocks (at least 1)
 
@@ -118,20 +120,21 @@ def quantize_4bit_triton(
     bounds, lookup = _tables(tuple(boundaries), tuple(rank_to_index), x.device)
     nb = max(1, TILE_VALUES // blocksize)
     if n:
-        _quantize_4bit_kernel[(triton.cdiv(n_blocks, nb),)](
-            flat,
-            packed,
-            absmax,
-            bounds,
-            lookup,
-            n,
-            n_blocks,
-            BLOCKSIZE=blocksize,
-            NB=nb,
-            NUM_BOUNDS=len(boundaries),
-            SIGN_FIRST=sign_first,
-            num_warps=4,
-        )
+        with launch_device(x):
+            _quantize_4bit_kernel[(triton.cdiv(n_blocks, nb),)](
+                flat,
+                packed,
+                absmax,
+                bounds,
+                lookup,
+                n,
+                n_blocks,
+                BLOCKSIZE=blocksize,
+                NB=nb,
+                NUM_BOUNDS=len(boundaries),
+                SIGN_FIRST=sign_first,
+                num_warps=4,
+            )
     return packed.unsqueeze(1), absmax
 
 
@@ -153,6 +156,7 @@ def _quantize_8bit_kernel(
     x = _flush(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
     absmax = tl.max(tl.abs(x), axis=1)
     s = _flush(x * _approx_reciprocal(absmax)[:, None])
+    absmax = tl.where(tl.sum((x != x).to(tl.int32), axis=1) > 0, float("nan"), absmax)  # a max drops NaNs
     pivot = tl.full(s.shape, 127, tl.int32)
     lower_pivot = tl.zeros(s.shape, tl.int32)
     upper_pivot = tl.full(s.shape, 255, tl.int32)
@@ -187,7 +191,8 @@ def quantize_8bit_triton(x: torch.Tensor, code: torch.Tensor, blocksize: int) ->
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     nb = max(1, TILE_VALUES // blocksize)
     if n:
-        _quantize_8bit_kernel[(triton.cdiv(n_blocks, nb),)](
-            flat, q, absmax, code.float().contiguous(), n, n_blocks, BLOCKSIZE=blocksize, NB=nb, num_warps=4
-        )
+        with launch_device(x):
+            _quantize_8bit_kernel[(triton.cdiv(n_blocks, nb),)](
+                flat, q, absmax, code.float().contiguous(), n, n_blocks, BLOCKSIZE=blocksize, NB=nb, num_warps=4
+            )
     return q, absmax

@@ -30,6 +30,7 @@ there), which stores a few different codes: see "bitsandbytes' CUDA rounding" be
 from __future__ import annotations
 
 import functools
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -126,9 +127,11 @@ def quantize_4bit_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-4 without packing: (code indices uint8 (n,), absmax float32 (n_blocks,)).
 
-    Works through the tensor in chunks of whole blocks (CHUNK elements), so the scratch space stays a few
-    megabytes whatever the tensor's size. `rounding`: "bnb_cpu" (bitsandbytes' CPU path: nearest code, ties
-    to the lower one) or "bnb_cuda" (its CUDA kernel); default: the kernel of the device x is on.
+    `rounding`: "bnb_cpu" (bitsandbytes' CPU path: nearest code, ties to the lower one) or "bnb_cuda" (its CUDA
+    kernel); default: the kernel of the device x is on. "bnb_cpu" works through the tensor in chunks of whole
+    blocks (CHUNK elements), so its scratch space stays a few megabytes whatever the tensor's size; "bnb_cuda"
+    takes the tensor at once (float32 temporaries of its whole size: memory a GPU has, and quantize_4bit runs
+    it there as one Triton kernel instead).
     """
     rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
     if rounding == "bnb_cuda":
@@ -190,11 +193,24 @@ def float32_from_decimal(text: str) -> float:
     return float(min((below, guess, above), key=distance_then_odd))
 
 
+def _ptx_kernels_apply(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels with inline PTX (kernels/fastdiv.py, kernels/quantize.py) may run on x: an
+    NVIDIA GPU (not ROCm, whose compiler takes no PTX), Triton compiled (not its CPU interpreter), the reference
+    not forced."""
+    return (
+        x.is_cuda
+        and torch.version.hip is None
+        and triton_available()
+        and not reference_forced()
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    )
+
+
 def _bnb_cuda_divide(numerator: float, den: torch.Tensor) -> torch.Tensor:
     """numerator / den as bitsandbytes' CUDA kernels compute it: the GPU's approximate division where a Triton
     kernel can run (kernels/fastdiv.py); elsewhere, or with the reference forced, IEEE division (which can move
     a value on a decision boundary to the next code: a few per million)."""
-    if den.is_cuda and triton_available() and not reference_forced():
+    if _ptx_kernels_apply(den):
         from ..kernels.fastdiv import approx_divide
 
         return approx_divide(numerator, den)
@@ -275,7 +291,7 @@ def quantize_4bit(
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
     _check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
     rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
-    if rounding == "bnb_cuda" and x.is_cuda and triton_available() and not reference_forced():
+    if rounding == "bnb_cuda" and _ptx_kernels_apply(x):
         # the same rule in one Triton launch (kernels/quantize.py)
         from ..kernels.quantize import quantize_4bit_triton
 
@@ -405,7 +421,7 @@ def quantize_blockwise_8bit(
     or "nearest" (the nearest code, ties to the lower one).
     """
     if rounding == "bnb_cuda":
-        if x.is_cuda and triton_available() and not reference_forced():
+        if _ptx_kernels_apply(x):
             from ..kernels.quantize import quantize_8bit_triton  # the same rule in one launch
 
             return quantize_8bit_triton(x, code, blocksize)

@@ -104,7 +104,10 @@ _CODES: dict[str, torch.Tensor] = {}
 def get_code_on(name: str, device: torch.device | str) -> torch.Tensor:
     """`get_code(name)` on `device`, copied there once (cached; callers must not modify it): a quantizer on
     the GPU then clones it on the device instead of copying from the host at every call."""
-    key = f"{name}@{torch.device(device)}"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: name it
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = f"{name}@{device}"
     if key not in _CODES:
         _CODES[key] = get_code(name).to(device)
     return _CODES[key]

@@ -20,9 +20,10 @@ bnbF = pytest.importorskip("bitsandbytes.functional")
 
 
 def weights(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Gaussian weights (std 0.02) with awkward blocks in front: zeros, tiny values, and coarse multiples of a
-    power of two, whose ratios to the block's absmax land exactly on decision boundaries; the last 3 values
-    are zeros (with an odd count, an all-zero partial block whose padding nibble is stored too)."""
+    """Gaussian weights (std 0.02) with awkward blocks in front: zeros, tiny (normal, ~1e-30) values, and coarse
+    multiples of a power of two, whose ratios to the block's absmax land exactly on decision boundaries; the
+    last 3 values are zeros (with an odd count, an all-zero partial block whose padding nibble is stored too).
+    Subnormal inputs, which both sides flush to zero, are not among them."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(shape, generator=g, device="cuda") * 0.02
     flat = x.view(-1)
@@ -110,12 +111,13 @@ def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
 
     code = get_code("dynamic").cuda()
     g = torch.Generator(device="cuda").manual_seed(3)
+    midpoints = (code[:-1] + code[1:]) * 0.5  # 255 values
     x = torch.cat(
         [
-            torch.randn(100_000, generator=g, device="cuda"),
-            torch.zeros(300, device="cuda"),  # an all-zero block
-            (code[:-1] + code[1:]) * 0.5,  # every midpoint (a block whose absmax is 1 after the zeros)
-            code,
+            torch.randn(391 * 256, generator=g, device="cuda"),  # whole blocks
+            torch.zeros(256, device="cuda"),  # an all-zero block
+            torch.cat([midpoints, torch.ones(1, device="cuda")]),  # absmax 1: every midpoint is an exact tie
+            code,  # absmax 1: every code maps to itself
         ]
     )
     q, absmax = quantize_blockwise_8bit(x, code, 256, rounding="bnb_cuda")  # the Triton kernel

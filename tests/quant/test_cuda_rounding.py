@@ -93,10 +93,11 @@ def test_8bit_cuda_rule_breaks_ties_by_its_binary_search():
 
 
 def test_rounding_defaults_to_the_device_and_rejects_unknown_names():
-    x = torch.randn(4, 64)
-    packed, state = quantize_4bit(x, 64, "fp4", compress_statistics=True)
-    packed_cpu, state_cpu = quantize_4bit(x, 64, "fp4", compress_statistics=True, rounding="bnb_cpu")
-    assert torch.equal(packed, packed_cpu) and torch.equal(state.absmax, state_cpu.absmax)
+    x = block([-1e-4, 1e-4])  # FP4: the two rules store different zeros for these (see above)
+    packed, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True)
+    packed_cpu, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True, rounding="bnb_cpu")
+    packed_cuda, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True, rounding="bnb_cuda")
+    assert torch.equal(packed, packed_cpu) and not torch.equal(packed, packed_cuda)  # a CPU tensor: the CPU rule
     with pytest.raises(ValueError, match="rounding"):
         quantize_4bit(x, 64, "nf4", rounding="nearest-ish")
     with pytest.raises(ValueError, match="rounding"):
