@@ -5,7 +5,8 @@ CPU suites (each writes benchmarks/results/<suite>-cpu.md and .json, plus PNG fi
 - quality: quantization error on Gaussian and SmolLM2-135M weights, and SmolLM2 perplexity per precision
 - speed:   4-bit linear forward+backward; a QLoRA training step on SmolLM2 vs transformers+bnb+peft
 - loading: load + quantize to NF4 a >1 GB checkpoint: time and peak RSS vs transformers+bnb
-`all` runs the four one after the other. `--smoke` runs tiny shapes in seconds and writes to a
+- generate: greedy generation on SmolLM2-135M, fp32 and NF4+DQ, vs transformers (+ bitsandbytes)
+`all` runs the five one after the other. `--smoke` runs tiny shapes in seconds and writes to a
 temporary directory unless --out is given (it never writes into benchmarks/results/).
 
 `--device cuda` runs the same suites on a CUDA GPU and writes `<suite>-<gpu>.md/.json` (e.g. quality-h200.md):
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUITES = ("quant", "quality", "speed", "loading")
+SUITES = ("quant", "quality", "speed", "loading", "generate")
 DEVICES = ("cpu", "cuda")
 RESULTS = Path(__file__).resolve().parent / "results"
 

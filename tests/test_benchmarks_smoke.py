@@ -37,6 +37,10 @@ EXPECTED = {
         "columns": ["load time s", "peak RSS added MB", "transformers + bnb"],
         "keys": ["minilora", "reference", "bound_bytes", "acceptance_passed"],
     },
+    "generate": {
+        "columns": ["minilora ms", "transformers ms", "minilora tokens/s", "same ids from the start"],
+        "keys": ["generate", "shared_prefix", "first_token_s", "new_ids"],
+    },
 }
 
 
