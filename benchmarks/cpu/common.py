@@ -129,7 +129,8 @@ def bench_pair(
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
 
 
-def _status() -> dict[str, int]:
+def memory_status() -> dict[str, int]:
+    """VmHWM (peak) and VmRSS of this process, in bytes (/proc/self/status)."""
     out = {}
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
@@ -176,7 +177,7 @@ class PeakRSS:
                 f.write("5")  # reset VmHWM to the current RSS
         except OSError:
             pass  # not Linux, or not allowed: the peak then covers the whole process
-        self.start = _status().get("VmRSS", 0)
+        self.start = memory_status().get("VmRSS", 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,7 +185,7 @@ class PeakRSS:
             self._stop.set()
             self._thread.join()
             self.anon_extra = max(0, max(self._anon_peak, _rss_anon()) - self._anon_start)
-        status = _status()
+        status = memory_status()
         self.total = status.get("VmHWM", 0)
         self.extra = max(0, self.total - self.start)
         self.end = status.get("VmRSS", 0)

@@ -80,25 +80,12 @@ def roundtrip(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor,
 def _nearest_dq(
     w: torch.Tensor, packed: torch.Tensor, state: QuantState, ref_state: Any, theirs: torch.Tensor
 ) -> dict[str, float]:
-    """minilora's double quant with rounding="nearest" (bitsandbytes' CUDA rule) against bitsandbytes."""
-    from minilora.quant import dequantize_4bit, quantize_4bit
-    from minilora.quant.blockwise import quantize_blockwise_8bit
-    from minilora.quant.codebooks import get_code
-    from minilora.quant.state import NestedState
+    """minilora's double quant with rounding="nearest" (plain nearest-code rounding) against bitsandbytes."""
+    from minilora.quant import dequantize_4bit, double_quantize, quantize_4bit
 
     _, plain = quantize_4bit(w, 64, state.quant_type, compress_statistics=False)
-    code8 = get_code("dynamic").to(plain.absmax.device)
-    q, nested = quantize_blockwise_8bit(plain.absmax - plain.absmax.mean(), code8, 256, rounding="nearest")
-    state_n = QuantState(
-        absmax=q,
-        shape=state.shape,
-        code=state.code,
-        blocksize=state.blocksize,
-        quant_type=state.quant_type,
-        dtype=state.dtype,
-        offset=plain.absmax.mean(),
-        state2=NestedState(nested, code8.clone(), 256, torch.float32),
-    )
+    state_n = double_quantize(plain, rounding="nearest")
+    q = state_n.absmax
     ours_n = dequantize_4bit(packed, state_n).float()
     return {
         "scales_diff_nearest": _ndiff(q, ref_state.absmax),

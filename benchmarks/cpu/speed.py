@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakRSS, Report, bench_pair, peak_memory, progress, run_child, verdict
+from benchmarks.cpu.common import (
+    PeakRSS,
+    Report,
+    bench_pair,
+    memory_status,
+    peak_memory,
+    progress,
+    run_child,
+    verdict,
+)
 
 FULL_LINEAR = [(128, 4096, 4096), (512, 4096, 4096), (128, 14336, 4096)]  # (M, N, K)
 SMOKE_LINEAR = [(8, 128, 256)]
@@ -118,11 +127,7 @@ def _train(model: torch.nn.Module, data: list[torch.Tensor], warmup: int) -> dic
 
 
 def _load_peak() -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return memory_status().get("VmHWM", 0)
 
 
 def child_qlora_minilora(directory: str, batch: int, seq: int, steps: int, warmup: int) -> dict[str, Any]:

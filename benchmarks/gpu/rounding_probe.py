@@ -8,11 +8,12 @@ to store the same bytes.
 
     python benchmarks/gpu/rounding_probe.py          (prints a table; needs CUDA, triton, bitsandbytes)
 
-Found on the H200 (session 3; the 4-bit rule here also uses bitsandbytes' FP4 decimals and sign rule): every
-fast division (div.full.ftz, div.approx.ftz, rcp.approx.ftz times the numerator) gave 0 differing FP4 and int8
-codes, IEEE division 254-3,641 FP4 and 134-688 int8. NF4 on float32 weights still differed in 3-4 codes,
-all on a boundary value: bitsandbytes' decimal boundaries read once as float32 (blockwise.float32_from_decimal)
-explained them. minilora/kernels/fastdiv.py takes div.approx.ftz.
+Found on the H200 (session 3): every fast division (div.full.ftz, div.approx.ftz, rcp.approx.ftz times the
+numerator) gave 0 differing FP4 and int8 codes, IEEE division 254-3,641 FP4 and 134-688 int8. In that run the
+NF4 rule still used the CPU path's float32 midpoints and differed in 3-4 codes on float32 weights, all on a
+boundary value; bitsandbytes' decimal boundaries read once as float32 (cuda_rounding.float32_from_decimal) explained
+them, and the rule this script now takes from minilora includes them. minilora/kernels/fastdiv.py takes
+div.approx.ftz.
 """
 
 from __future__ import annotations
@@ -47,27 +48,15 @@ def divide(num: float, den: torch.Tensor, asm: str) -> torch.Tensor:
     return out
 
 
-FP4_BNB_CUDA = [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333]
-FP4_RANK_TO_BITS = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011]
-
-
 def codes_4bit(x: torch.Tensor, recip: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
-    from minilora.quant import get_code
-    from minilora.quant.blockwise import _sorted_midpoints
+    """bitsandbytes' CUDA rule (minilora.quant.blockwise) on x scaled by the given reciprocals of its absmax."""
+    from minilora.quant import cuda_rounding
 
     n = x.numel()
     flat = torch.nn.functional.pad(x.reshape(-1).float(), (0, (-n) % blocksize)).view(-1, blocksize)
     scaled = flat * recip[:, None]
     scaled = torch.where(scaled.abs() < 2.0**-126, torch.zeros_like(scaled), scaled).reshape(-1)[:n]  # ftz
-    if quant_type == "nf4":
-        bounds = _sorted_midpoints(get_code("nf4"))[0].to(x.device)
-        q = (scaled[:, None] > bounds[None, :]).sum(dim=1)  # NaN (all-zero block): no bound below -> 0
-    else:
-        mag = scaled.abs()
-        bounds = torch.tensor(FP4_BNB_CUDA, dtype=torch.float32, device=x.device)
-        rank = (mag[:, None] > bounds[None, :]).sum(dim=1)
-        q = torch.tensor(FP4_RANK_TO_BITS, device=x.device)[rank] + 8 * (scaled < 0)
-    return q.to(torch.uint8)
+    return cuda_rounding.code_index(scaled, quant_type)
 
 
 def show_mismatches(x, absmax, recip, mine, theirs, blocksize: int, most: int = 5) -> None:

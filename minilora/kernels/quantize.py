@@ -108,7 +108,7 @@ def quantize_4bit_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 ((n + 1) // 2, 1), absmax float32 (n_blocks,)) of a CUDA tensor, by bitsandbytes' CUDA rule.
 
-    boundaries / rank_to_index / sign_first: the rule's tables (blockwise._cuda_boundaries).
+    boundaries / rank_to_index / sign_first: the rule's tables (quant.cuda_rounding.boundaries).
     """
     flat = x.reshape(-1)
     if not flat.is_contiguous():
@@ -150,7 +150,7 @@ def _quantize_8bit_kernel(
     NB: tl.constexpr,
 ):
     """8-bit blockwise codes (double quantization) by bitsandbytes' CUDA rule: the binary search of
-    blockwise._bnb_cuda_8bit_index, on scales made as in the 4-bit kernel."""
+    quant.cuda_rounding.code_index_8bit, on scales made as in the 4-bit kernel."""
     blocks = tl.program_id(0) * NB + tl.arange(0, NB)  # (NB,)
     offs = blocks[:, None].to(tl.int64) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BLOCKSIZE)
     x = _flush(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))

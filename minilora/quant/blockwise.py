@@ -24,21 +24,16 @@ block is divided by it, and a zero absmax is floored at 1e-38 for the scaling (a
 block therefore stores 1e-38, a full one stores 0).
 
 On a CUDA tensor the quantizer follows bitsandbytes' CUDA kernel instead (rounding="bnb_cuda", the default
-there), which stores a few different codes: see "bitsandbytes' CUDA rounding" below.
+there), which stores a few different codes: cuda_rounding.py.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from fractions import Fraction
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..kernels.dispatch import reference_forced, triton_available
-from . import compiled
+from . import compiled, cuda_rounding
 from .codebooks import get_code, get_code_on
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
 
@@ -135,8 +130,8 @@ def quantize_4bit_codes(
     """
     rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
     if rounding == "bnb_cuda":
-        absmax, scaled = _scale_blocks_cuda(x.reshape(-1), blocksize)
-        return _cuda_code_index(scaled, quant_type), absmax
+        absmax, scaled = cuda_rounding.scale_blocks(x.reshape(-1), blocksize)
+        return cuda_rounding.code_index(scaled, quant_type), absmax
     if rounding != "bnb_cpu":
         raise ValueError(f"rounding {rounding!r} is not 'bnb_cpu' or 'bnb_cuda'")
     midpoints, order = _sorted_midpoints(get_code(quant_type))
@@ -156,111 +151,13 @@ def quantize_4bit_codes(
     return indices, absmax
 
 
-# ---- bitsandbytes' CUDA rounding ------------------------------------------------------------------------
-#
-# bitsandbytes' CUDA quantizer (built with --use_fast_math) stores a few codes that its CPU path would not.
-# benchmarks/gpu/rounding_probe.py counted them on random weights, and these are the differences:
-#  1. the scale is x * (1 / absmax) with the GPU's approximate reciprocal (kernels/fastdiv.py), not IEEE;
-#     values and products below 2**-126 are flushed to zero;
-#  2. its decision boundaries are decimal constants in its source, each read once by the compiler as a
-#     float32. For NF4 they are the double-precision midpoints of the codes, printed in Python's shortest
-#     form: reading "0.5016634166240692" as a float32 gives the value one step below the float32 midpoint
-#     that the CPU path computes. For FP4 they are hand-written decimals of the midpoints (7/24 as
-#     0.29166667, 7/12 as 0.583333, ...): FP4_CUDA_BOUNDARIES;
-#  3. FP4 takes the sign first (x < 0 sets bit 3) and rounds the magnitude: a small negative value gets -0
-#     (index 8) where the CPU's nearest-code search gives +0 (index 0), and a small positive one +0 where the
-#     CPU gives -0 (0.5% of the codes of a Gaussian weight; the dequantized values are equal);
-#  4. an all-zero block keeps absmax 0 (the CPU floors a partial last block's at 1e-38); its reciprocal is
-#     inf and 0 * inf is NaN, which passes no boundary: index 0 (NF4: -1.0 x 0).
-# The boundaries of FP4's positive half, as bitsandbytes' CUDA source writes them (text: read once to float32).
-FP4_CUDA_BOUNDARIES = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
-_FLT_MIN = 2.0**-126  # smallest normal float32: below it, fast-math code sees zero
-
-
-def float32_from_decimal(text: str) -> float:
-    """The float32 nearest to a decimal literal, rounded once (ties to even), as a C compiler reads `0.5f`.
-
-    float(np.float32(float(text))) rounds twice (to double, then to float32) and can land one step off when
-    the decimal lies within a double's precision of the midpoint between two float32 values.
-    """
-    exact = Fraction(text)
-    guess = np.float32(float(exact))
-    below, above = np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))
-
-    def distance_then_odd(c: np.float32) -> tuple[Fraction, int]:
-        return abs(Fraction(float(c)) - exact), int(np.array(c, dtype=np.float32).view(np.uint32)) & 1
-
-    return float(min((below, guess, above), key=distance_then_odd))
-
-
-def _ptx_kernels_apply(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels with inline PTX (kernels/fastdiv.py, kernels/quantize.py) may run on x: an
-    NVIDIA GPU (not ROCm, whose compiler takes no PTX), Triton compiled (not its CPU interpreter), the reference
-    not forced."""
-    return (
-        x.is_cuda
-        and torch.version.hip is None
-        and triton_available()
-        and not reference_forced()
-        and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    )
-
-
-def _bnb_cuda_divide(numerator: float, den: torch.Tensor) -> torch.Tensor:
-    """numerator / den as bitsandbytes' CUDA kernels compute it: the GPU's approximate division where a Triton
-    kernel can run (kernels/fastdiv.py); elsewhere, or with the reference forced, IEEE division (which can move
-    a value on a decision boundary to the next code: a few per million)."""
-    if _ptx_kernels_apply(den):
-        from ..kernels.fastdiv import approx_divide
-
-        return approx_divide(numerator, den)
-    return numerator / den.float()
-
-
-def _scale_blocks_cuda(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(absmax float32 (n_blocks,), scaled float32 (n,)) as bitsandbytes' CUDA kernel computes them: subnormal
-    inputs flushed, absmax over each block's own values (0 for an all-zero block), x * (1 / absmax) with the
-    fast reciprocal, subnormal products flushed. An all-zero block scales to NaN (0 * inf)."""
-    flat = flat.float()
-    flat = torch.where(flat.abs() < _FLT_MIN, torch.zeros_like(flat), flat)
-    n = flat.numel()
-    blocks = F.pad(flat, (0, (-n) % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * _bnb_cuda_divide(1.0, absmax).unsqueeze(1)).reshape(-1)[:n]
-    scaled = torch.where(scaled.abs() < _FLT_MIN, torch.zeros_like(scaled), scaled)  # NaN stays NaN
-    return absmax, scaled
-
-
-@functools.cache
-def _cuda_boundaries(quant_type: str) -> tuple[list[float], list[int]]:
-    """(boundaries, rank -> code index) of bitsandbytes' CUDA rule. NF4: the 15 boundaries over the whole
-    range; FP4: the 7 boundaries of the magnitude and the indices of the positive codes in value order."""
-    code = get_code(quant_type)
-    if quant_type == "fp4":
-        positive = torch.sort(code[:8], stable=True).indices.tolist()
-        return [float32_from_decimal(t) for t in FP4_CUDA_BOUNDARIES], positive
-    ordered, order = torch.sort(code, stable=True)
-    pairs = zip(ordered[:-1].tolist(), ordered[1:].tolist(), strict=True)
-    return [float32_from_decimal(repr((a + b) / 2)) for a, b in pairs], order.tolist()
-
-
-def _cuda_code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Step 4 by bitsandbytes' CUDA rule: uint8 code indices of scaled values (NaN -> rank 0)."""
-    boundaries, rank_to_index = _cuda_boundaries(quant_type)
-    lookup = torch.tensor(rank_to_index, dtype=torch.uint8, device=scaled.device)
-    if quant_type != "fp4":
-        return lookup[nearest_code_index(scaled, boundaries).long()]
-    magnitude = lookup[nearest_code_index(scaled.abs(), boundaries).long()]
-    return magnitude + (scaled < 0).to(torch.uint8) * 8
-
-
 def _pad_index(quant_type: str, rounding: str, absmax: torch.Tensor) -> int:
     """The code stored in the unused low nibble of an odd count: that of a 0 in the last block. On CUDA, 0 in an
     all-zero block scales to NaN (index 0), as bitsandbytes' kernel reads past the end as zeros."""
     if rounding == "bnb_cpu":
         return _index_of_zero(quant_type)
     scaled = torch.tensor([float("nan") if float(absmax[-1]) == 0 else 0.0])
-    return int(_cuda_code_index(scaled, quant_type)[0])
+    return int(cuda_rounding.code_index(scaled, quant_type)[0])
 
 
 def _index_of_zero(quant_type: str) -> int:
@@ -291,11 +188,11 @@ def quantize_4bit(
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
     _check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
     rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
-    if rounding == "bnb_cuda" and _ptx_kernels_apply(x):
+    if rounding == "bnb_cuda" and cuda_rounding.kernels_apply(x):
         # the same rule in one Triton launch (kernels/quantize.py)
         from ..kernels.quantize import quantize_4bit_triton
 
-        boundaries, rank_to_index = _cuda_boundaries(quant_type)
+        boundaries, rank_to_index = cuda_rounding.boundaries(quant_type)
         packed, absmax = quantize_4bit_triton(x.detach(), blocksize, boundaries, rank_to_index, quant_type == "fp4")
         _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # the kernel passes NaN/Inf into the absmax
     else:
@@ -417,16 +314,16 @@ def quantize_blockwise_8bit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize float32 x blockwise to indices into a sorted 256-value code: (uint8 (n,), absmax (n_blocks,)).
 
-    rounding: "bnb_cpu" (bitsandbytes' CPU grid, above), "bnb_cuda" (its CUDA kernel: _bnb_cuda_8bit_index)
+    rounding: "bnb_cpu" (bitsandbytes' CPU grid, above), "bnb_cuda" (its CUDA kernel: cuda_rounding.py)
     or "nearest" (the nearest code, ties to the lower one).
     """
     if rounding == "bnb_cuda":
-        if _ptx_kernels_apply(x):
+        if cuda_rounding.kernels_apply(x):
             from ..kernels.quantize import quantize_8bit_triton  # the same rule in one launch
 
             return quantize_8bit_triton(x, code, blocksize)
-        absmax, scaled = _scale_blocks_cuda(x.reshape(-1), blocksize)
-        return _bnb_cuda_8bit_index(scaled, code.float()).to(torch.uint8), absmax
+        absmax, scaled = cuda_rounding.scale_blocks(x.reshape(-1), blocksize)
+        return cuda_rounding.code_index_8bit(scaled, code.float()).to(torch.uint8), absmax
     flat = x.reshape(-1).float()
     n = flat.numel()
     pad = (-n) % blocksize
@@ -447,32 +344,6 @@ def quantize_blockwise_8bit(
     return q.reshape(-1)[:n].to(torch.uint8), absmax
 
 
-def _bnb_cuda_8bit_index(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Code indices (int64) of scaled values by bitsandbytes' CUDA rule for a sorted 256-value code.
-
-    Its kernel does not take the nearest code: a 7-step binary search from index 127 (steps 64 .. 1) leaves a
-    pivot and the last indices visited below and above it, and the value goes to the neighbour whose midpoint
-    with the pivot it passes. Those "neighbours" need not be adjacent to the pivot, so near some codes the
-    choice differs from nearest-code rounding (1 nested absmax code in 262,144 of a 4096x4096 weight). A NaN
-    (an all-zero block) passes no comparison and ends at index 0. Run here on whole tensors, one step at a time.
-    """
-    pivot = torch.full(scaled.shape, 127, dtype=torch.int64, device=scaled.device)
-    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
-    lower, upper = torch.full_like(scaled, -1.0), torch.full_like(scaled, 1.0)
-    value = code[pivot]
-    for step in (64, 32, 16, 8, 4, 2, 1):
-        above = scaled > value
-        lower_pivot, lower = torch.where(above, pivot, lower_pivot), torch.where(above, value, lower)
-        upper_pivot, upper = torch.where(above, upper_pivot, pivot), torch.where(above, upper, value)
-        pivot = torch.where(above, pivot + step, pivot - step)
-        value = code[pivot]
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    go_up = scaled > (upper + value) * 0.5
-    go_down = scaled < (lower + value) * 0.5
-    return torch.where(scaled > value, torch.where(go_up, upper_pivot, pivot), torch.where(go_down, lower_pivot, pivot))
-
-
 def dequantize_blockwise_8bit(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
@@ -484,18 +355,19 @@ def dequantize_blockwise_8bit(
     return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
-def double_quantize(state: QuantState, nested_blocksize: int = 256) -> QuantState:
+def double_quantize(state: QuantState, nested_blocksize: int = 256, rounding: str | None = None) -> QuantState:
     """Replace the float32 absmax by 8-bit codes of (absmax - mean) (QLoRA section 3, Double Quantization).
 
     Positive absmax values would waste the sign bit of the signed 8-bit code; centring them on their mean
-    uses the whole range.
+    uses the whole range. `rounding` (see quantize_blockwise_8bit): by default the rule of bitsandbytes' kernel
+    for the device the absmax is on.
     """
     assert state.state2 is None, "state is already double quantized"
     offset = state.absmax.mean()
     code8 = get_code_on("dynamic", state.absmax.device)
     # bitsandbytes rounds the nested codes differently on each device: its CPU kernel through a 65536-point
     # grid, its CUDA kernel by a binary search. Follow the kernel of the device the tensor is on.
-    rounding = "bnb_cuda" if state.absmax.is_cuda else "bnb_cpu"
+    rounding = rounding or ("bnb_cuda" if state.absmax.is_cuda else "bnb_cpu")
     q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize, rounding)
     return QuantState(
         absmax=q,

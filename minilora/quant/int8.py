@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import _bnb_cuda_divide, _check_float_tensor
+from . import cuda_rounding
+from .blockwise import _check_float_tensor
 
 # 1 / 127^2 as bitsandbytes writes it (6.200124e-05; the exact value is 6.2000124e-05). Using its constant
 # keeps our outputs within float rounding of its outputs, so that activation rounding downstream matches.
@@ -37,8 +38,8 @@ def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     _check_float_tensor(weight, "quantize_int8_rowwise", absmax=weight.detach().abs().amax(dim=1))
     safe = torch.where(scb == 0, torch.ones_like(scb), scb)
     # On CUDA, bitsandbytes' kernel scales by __fdividef(127, SCB), the GPU's approximate division: take the
-    # same one there, so that the codes are identical too (blockwise.py, "bitsandbytes' CUDA rounding").
-    scale = _bnb_cuda_divide(127.0, safe) if weight.is_cuda else 127.0 / safe
+    # same one there, so that the codes are identical too (cuda_rounding.py).
+    scale = cuda_rounding.divide(127.0, safe) if weight.is_cuda else 127.0 / safe
     cb = torch.round(w16 * scale.unsqueeze(1)).to(torch.int8)  # (out, in)
     return cb, scb
 

@@ -1,6 +1,6 @@
 """minilora's quantizers on a CUDA tensor against bitsandbytes' CUDA kernels, byte for byte (skipped without CUDA).
 
-On CUDA, minilora follows bitsandbytes' CUDA rounding (minilora/quant/blockwise.py, "bitsandbytes' CUDA
+On CUDA, minilora follows bitsandbytes' CUDA rounding (minilora/quant/cuda_rounding.py, "bitsandbytes' CUDA
 rounding"; kernels/fastdiv.py): the packed 4-bit codes, absmax, double-quant codes, nested absmax and offset,
 and the int8 codes and SCB must equal what bitsandbytes stores for the same tensor on the same device.
 
@@ -106,8 +106,8 @@ def test_triton_quantize_equals_the_pytorch_rule(quant_type: str) -> None:
 
 
 def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
-    from minilora.quant import get_code
-    from minilora.quant.blockwise import _bnb_cuda_8bit_index, _scale_blocks_cuda, quantize_blockwise_8bit
+    from minilora.quant import cuda_rounding, get_code
+    from minilora.quant.blockwise import quantize_blockwise_8bit
 
     code = get_code("dynamic").cuda()
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -121,8 +121,8 @@ def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
         ]
     )
     q, absmax = quantize_blockwise_8bit(x, code, 256, rounding="bnb_cuda")  # the Triton kernel
-    ref_absmax, scaled = _scale_blocks_cuda(x, 256)
-    ref = _bnb_cuda_8bit_index(scaled, code.float()).to(torch.uint8)
+    ref_absmax, scaled = cuda_rounding.scale_blocks(x, 256)
+    ref = cuda_rounding.code_index_8bit(scaled, code.float()).to(torch.uint8)
     assert torch.equal(absmax, ref_absmax)
     assert torch.equal(q, ref), differing(q, ref)
 

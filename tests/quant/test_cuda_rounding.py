@@ -1,4 +1,4 @@
-"""bitsandbytes' CUDA rounding rules (minilora/quant/blockwise.py), checked on the CPU where they are exact.
+"""bitsandbytes' CUDA rounding rules (minilora/quant/cuda_rounding.py), checked on the CPU where they are exact.
 
 On the CPU the rule runs with IEEE division; the scales below are powers of two, whose reciprocals every
 division gets exactly right, so each expectation is the CUDA kernel's. Byte equality with bitsandbytes' CUDA
@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from minilora.quant import get_code, quantize_4bit, quantize_4bit_codes
-from minilora.quant.blockwise import (
-    _bnb_cuda_8bit_index,
-    _cuda_boundaries,
-    _pad_index,
-    _sorted_midpoints,
-    float32_from_decimal,
-    quantize_blockwise_8bit,
-)
+from minilora.quant.blockwise import _pad_index, _sorted_midpoints, quantize_blockwise_8bit
+from minilora.quant.cuda_rounding import boundaries, code_index_8bit, float32_from_decimal
 
 
 def test_decimal_literals_are_read_as_float32_in_one_rounding():
@@ -33,7 +27,7 @@ def test_decimal_literals_are_read_as_float32_in_one_rounding():
 
 
 def test_nf4_cuda_boundaries_are_the_code_midpoints_up_to_one_float32_step():
-    cuda, order = _cuda_boundaries("nf4")
+    cuda, order = boundaries("nf4")
     cpu = _sorted_midpoints(get_code("nf4"))[0].tolist()
     assert order == list(range(16)) and len(cuda) == 15 and cuda == sorted(cuda)
     steps = [abs(a - b) / float(np.spacing(np.float32(b))) for a, b in zip(cuda, cpu, strict=True)]
@@ -81,7 +75,7 @@ def test_8bit_cuda_rule_breaks_ties_by_its_binary_search():
     code = get_code("dynamic").float()
     midpoints = (code[:-1] + code[1:]) * 0.5
     x = torch.cat([code, midpoints, torch.rand(10_000) * 2 - 1, torch.tensor([float("nan"), 1.5, -1.5])])
-    cuda = _bnb_cuda_8bit_index(x, code)
+    cuda = code_index_8bit(x, code)
     nearest = torch.bucketize(x, midpoints)
     assert torch.equal(cuda[:256], torch.arange(256))  # every code maps to itself
     assert torch.equal(cuda[256 + 255 : -3], nearest[256 + 255 : -3])  # off the ties: the nearest code
