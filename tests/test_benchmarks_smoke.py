@@ -22,8 +22,14 @@ from benchmarks.run import RESULTS, SUITES, main, output_dir, parse  # noqa: E40
 
 EXPECTED = {
     "quant": {
-        "columns": ["minilora ms", "bitsandbytes ms", "ratio (minilora/bnb time)", "identical"],
-        "keys": ["minilora_quantize_s", "bitsandbytes_dequantize_s", "quantize_ratio", "identical_packed"],
+        "columns": ["minilora ms", "bitsandbytes ms", "ratio (minilora/bnb time)", "identical", "select-tree bound"],
+        "keys": [
+            "minilora_quantize_s",
+            "bitsandbytes_dequantize_s",
+            "quantize_ratio",
+            "identical_packed",
+            "tree_floor_fresh_s",
+        ],
     },
     "quality": {
         "columns": ["rel. Frobenius minilora", "rel. Frobenius bnb", "identical codes", "transformers + bnb"],
@@ -60,6 +66,10 @@ def test_suite_smoke(suite: str, tmp_path: Path) -> None:
     assert env["smoke"] is True
     for figure in record["results"].get("figures", []):
         assert (tmp_path / figure).stat().st_size > 0
+    if suite == "quant":  # the kernels it takes apart, the select-tree bound included, are real dequantizes
+        for rec in record["results"]["decomposed"]:
+            assert {"minilora_kernel_mapped", "tree_floor_mapped", "tree_floor_fresh"} <= set(rec["identical_to_bnb"])
+            assert all(rec["identical_to_bnb"].values()), rec["identical_to_bnb"]
 
 
 def _has_key(data: object, key: str) -> bool:
