@@ -4,6 +4,7 @@ Read in this order: codebooks.py (the data types) -> blockwise.py (quantize, pac
 state.py (what is stored, and the checkpoint keys) -> int8.py -> linear.py (the modules).
 """
 
+from . import workspace
 from .blockwise import (
     dequantize_4bit,
     dequantize_absmax,
@@ -45,4 +46,5 @@ __all__ = [
     "quantized_nbytes",
     "replace_linears",
     "unpack_4bit",
+    "workspace",
 ]

@@ -221,6 +221,25 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     return dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize) + state.offset
 
 
+def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The output dtype (`dtype`, else out's); ValueError unless `out` can take n such values on `device`."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out: expected a tensor, got {type(out).__name__}")
+    dtype = dtype or out.dtype
+    problems = []
+    if out.numel() != n:
+        problems.append(f"{out.numel()} elements (shape {list(out.shape)}), the weight has {n}")
+    if out.dtype != dtype:
+        problems.append(f"dtype {out.dtype}, asked for {dtype}")
+    if out.device != device:
+        problems.append(f"device {out.device}, the codes are on {device}")
+    if not out.is_contiguous():
+        problems.append("not contiguous")
+    if problems:
+        raise ValueError("out: " + "; ".join(problems))
+    return dtype
+
+
 def _byte_table(code: torch.Tensor) -> torch.Tensor:
     """(256, 2) float32: byte b -> (code[b >> 4], code[b & 15]), both values a packed byte holds."""
     return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
@@ -238,8 +257,15 @@ def _triton_dequantize_applies(packed: torch.Tensor, dtype: torch.dtype) -> bool
     )
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """code[index] * absmax[block] in float32, cast to `dtype` (default: the original dtype).
+
+    out: a contiguous tensor of as many elements, on the codes' device, to write the result into (as in
+    bitsandbytes' `dequantize_4bit(..., out=)`); its dtype is the output dtype unless `dtype` says otherwise,
+    which must then agree. The result is `out` viewed with the weight's shape. Reusing one buffer saves mapping
+    a new tensor's pages at every call, over half the time of a large dequantize on CPU (compiled.py).
 
     Each byte is looked up once in a 256-entry table of value pairs, which unpacks and decodes in one step.
     The work goes in chunks of whole blocks, so the float32 scratch stays small whatever the output dtype.
@@ -255,20 +281,24 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         raise ValueError(
             f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
         )
+    if out is not None:
+        dtype = _check_out(out, n, dtype, packed.device)
     dtype = dtype or state.dtype
     if _triton_dequantize_applies(packed, dtype):
         from ..kernels.dequant import dequantize_4bit_triton
 
-        return dequantize_4bit_triton(packed, state, dtype)
+        return dequantize_4bit_triton(packed, state, dtype, out=out).view(state.shape)
     absmax = dequantize_absmax(state)
     done = 0  # elements already written by the compiled kernel
     if compiled.use_compiled(packed, n, dtype) and n >= blocksize:
-        fast = compiled.dequantize_blocks(packed, absmax, state.code, blocksize, n // blocksize, dtype)
+        whole = n // blocksize
+        into = out.view(-1) if out is not None and whole * blocksize == n else None
+        fast = compiled.dequantize_blocks(packed, absmax, state.code, blocksize, whole, dtype, out=into)
         if fast is not None:
             if fast.numel() == n:
                 return fast.view(state.shape)
             done = fast.numel()
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out.view(-1)
     if done:
         out[:done] = fast
     table = _byte_table(state.code.to(packed.device).float())

@@ -9,6 +9,9 @@ model").
     x ──> [ dequantize(W_q) ] ──> x @ W.T + b
     dL/dx = dL/dy @ dequantize(W_q)        (W_q gets no gradient)
 
+On CPU the rebuilt weight goes into a buffer reused from call to call (workspace.py): a new tensor's page
+faults would cost more than the dequantize itself.
+
 `state_dict()` of these modules uses bitsandbytes' key names (`weight.absmax`, `weight.quant_map`,
 ..., `SCB`, `weight_format`), so a quantized model's state dict is a transformers + bitsandbytes
 checkpoint as it stands.
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.dispatch import use_fast_path
+from . import workspace
 from .blockwise import dequantize_4bit, quantize_4bit
 from .int8 import dequantize_int8_rowwise, int8_linear, quantize_int8_rowwise
 from .state import NestedState, QuantState
@@ -158,8 +162,17 @@ class Linear4bit(_BnbStateDict):
             state2=state2,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight [out, in] as float, in `dtype` (default: the dtype it was quantized from)."""
+    def dequantize(self, dtype: torch.dtype | None = None, *, scratch: bool = False) -> torch.Tensor:
+        """The weight [out, in] as float, in `dtype` (default: the dtype it was quantized from).
+
+        scratch=True: the result may live in a buffer this thread reuses (workspace.py), valid until the next
+        scratch dequantize of a weight of the same size and dtype; for a value used at once, as by the matmul.
+        """
+        dtype = dtype or self.weight_dtype
+        numel = self.out_features * self.in_features
+        if scratch and workspace.applies(self.weight.device, numel * dtype.itemsize):
+            out = workspace.scratch(numel, dtype, self.weight.device)
+            return dequantize_4bit(self.weight, self.quant_state, dtype, out=out)
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -221,7 +234,7 @@ class Linear4bit(_BnbStateDict):
 
             y = linear_4bit(x.to(dtype), self.weight, self.quant_state)
         else:
-            y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype))
+            y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype, scratch=True))
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)

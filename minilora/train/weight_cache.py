@@ -45,7 +45,10 @@ def cached_dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> Ite
                 weight = module.dequantize(want) if want is not None else module.dequantize()
             nbytes += weight.numel() * weight.element_size()
 
-            def cached(dtype: torch.dtype | None = None, _w: torch.Tensor = weight) -> torch.Tensor:
+            def cached(
+                dtype: torch.dtype | None = None, *, scratch: bool = False, _w: torch.Tensor = weight
+            ) -> torch.Tensor:
+                # scratch asks for a value used at once; the cached weight outlives that, so it serves as is
                 return _w if dtype is None or dtype == _w.dtype else _w.to(dtype)
 
             module.dequantize = cached  # instance attribute shadows the class method

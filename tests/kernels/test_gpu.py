@@ -56,6 +56,9 @@ def test_dequantize_is_bit_identical(quant_type: str, double_quant: bool, blocks
                 ref = dequantize_4bit(packed, state, dtype)
             assert torch.equal(_bits(out), _bits(ref)), (shape, dtype)
             assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(ref))  # dispatches to the kernel
+            flat = torch.full((w.numel(),), float("nan"), device="cuda", dtype=dtype)  # out= of another shape
+            got = dequantize_4bit(packed, state, out=flat)
+            assert got.shape == shape and got.data_ptr() == flat.data_ptr() and torch.equal(_bits(got), _bits(ref))
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 300])

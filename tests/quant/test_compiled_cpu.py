@@ -145,13 +145,14 @@ def test_a_compile_failure_falls_back_to_the_reference_once(monkeypatch, caplog)
 
     monkeypatch.setattr(compiled, "_compiled", None)  # a fresh torch.compile wrapper: it must compile again
     monkeypatch.setattr(compiled, "_broken", False)
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # no cached kernel may stand in
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     torch._dynamo.reset()
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
     before = compiled.calls
-    with caplog.at_level("WARNING", logger=compiled.__name__):
+    # No cached kernel may stand in. The config's own patch() restores both settings afterwards (a monkeypatch
+    # of force_disable_caches, an alias on this module, left it unreadable for later compiles).
+    broken_compiler = inductor_config.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/c++",)})
+    with broken_compiler, caplog.at_level("WARNING", logger=compiled.__name__):
         got = dequantize_4bit(packed, state)
         again = dequantize_4bit(packed, state)
     with reference_mode():
