@@ -202,11 +202,8 @@ def _plan(model: LlamaForCausalLM, ckpt: CheckpointReader, directory: Path) -> d
 
 # ---------------------------------------------------------------------------------------------- loading
 def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
-    """One tensor on `device`, cast to `dtype`: on a GPU read there first (page-locked copies) and cast there."""
-    tensor = ckpt.get_on(key, device)
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor
+    """One tensor on `device`, cast to `dtype`: on a GPU read there (page-locked copies) and cast piece by piece."""
+    return ckpt.get_on(key, device, dtype)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
