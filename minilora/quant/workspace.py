@@ -10,11 +10,12 @@ the next layer of the same size writes over it.
 The contract of `scratch(...)`: the buffer is valid until the next `scratch` call for the same size, dtype
 and device on the same thread. The layers use it for exactly one matmul.
 
-When it applies (`applies`): CPU tensors of at least MIN_BYTES. PyTorch's CUDA allocator already caches freed
-blocks. Smaller CPU tensors come back from malloc's free lists without new page faults: glibc serves a block
-freed below its mmap threshold (which adapts upwards to 32 MiB) from the memory it already holds; only larger
-tensors are fresh mappings at every call. Keeping small buffers would gain ~10% on the dequantize and changed
-how glibc laid out a SmolLM2 training step's memory: +150 MB of peak RSS with the same live tensors.
+When it applies (`applies`): CPU tensors of at least MIN_BYTES, outside torch.compile traces. PyTorch's CUDA
+allocator already caches freed blocks. Smaller CPU tensors come back from malloc's free lists without new page
+faults: glibc serves a block freed below its mmap threshold (which adapts upwards to 32 MiB) from the memory it
+already holds; only larger tensors are fresh mappings at every call. Keeping small buffers would gain ~10% on the
+dequantize and changed how glibc laid out a SmolLM2 training step's memory: +150 MB of peak RSS with the same
+live tensors.
 
 At most MAX_BUFFERS buffers per thread are kept (least recently used dropped first); `release()` drops this
 thread's buffers, `held_bytes()` says what they hold. For a Llama-3.1-8B-shaped model in bfloat16 that is two
@@ -40,8 +41,9 @@ def _buffers() -> OrderedDict[tuple[int, torch.dtype, torch.device], torch.Tenso
 
 
 def applies(device: torch.device, nbytes: int) -> bool:
-    """Whether a weight of `nbytes` dequantized for a matmul on `device` goes through a reused buffer."""
-    return device.type == "cpu" and nbytes >= MIN_BYTES
+    """Whether a weight of `nbytes` dequantized for a matmul on `device` goes through a reused buffer (not
+    inside a torch.compile trace, where the compiler plans the memory)."""
+    return device.type == "cpu" and nbytes >= MIN_BYTES and not torch.compiler.is_compiling()
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -164,3 +164,14 @@ def test_threads_have_their_own_buffers():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_a_compiled_layer_gives_the_eager_results():
+    m = layer(256, 512, seed=3)
+    x = torch.randn(4, 512, requires_grad=True)
+    eager = m(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad.clone(), None
+    compiled_out = torch.compile(m)(x)
+    compiled_out.sum().backward()
+    assert torch.equal(compiled_out, eager) and torch.equal(x.grad, eager_grad)
