@@ -288,16 +288,20 @@ def dequantize_4bit(
         from ..kernels.dequant import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, state, dtype, out=out).view(state.shape)
-    absmax = dequantize_absmax(state)
     done = 0  # elements already written by the compiled kernel
     if compiled.use_compiled(packed, n, dtype) and n >= blocksize:
         whole = n // blocksize
         into = out.view(-1) if out is not None and whole * blocksize == n else None
-        fast = compiled.dequantize_blocks(packed, absmax, state.code, blocksize, whole, dtype, out=into)
+        s2 = state.state2
+        nested = None if s2 is None else (s2.absmax, s2.code, state.offset)  # decoded inside the kernel
+        fast = compiled.dequantize_blocks(
+            packed, state.absmax, state.code, blocksize, whole, dtype, into, nested, s2.blocksize if s2 else 256
+        )
         if fast is not None:
             if fast.numel() == n:
                 return fast.view(state.shape)
             done = fast.numel()
+    absmax = dequantize_absmax(state)
     out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out.view(-1)
     if done:
         out[:done] = fast

@@ -73,6 +73,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _broken = False  # set when a compile failed: the reference is used from then on
 _compiled = None  # the torch.compile wrapper, made on first use
 _compiled_into: dict[str, Callable[..., None]] = {}  # the same for the kernels that write into a given output
+# PyTorch's own rounding casts kept; no fused multiply-add (the double-quant scale is code8 * absmax + offset,
+# rounded twice, as in eager PyTorch); Inductor's default, pinned against TORCHINDUCTOR_CPP_* settings.
+_OPTIONS = {"emulate_precision_casts": True, "cpp.enable_floating_point_contract_flag": "off"}
 
 
 def _select_code(index: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -108,13 +111,34 @@ def _float16_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(exponent >= 113, torch.where(exponent == 255, special, normal), subnormal) | sign
 
 
+# Double quantization's parts for the kernels: (nested absmax float32, 8-bit code float32 (256,), offset 0-dim).
+Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _block_scales(absmax: torch.Tensor, nested: Nested | None, nested_blocksize: int) -> torch.Tensor:
+    """The float32 scale of each block (n_blocks,): absmax itself, or, double-quantized, the 8-bit codes in absmax
+    decoded as blockwise.dequantize_absmax does, code8[q] * nested_absmax[block // nested_blocksize] + offset
+    (inside the kernel: a per-row scalar, no eager pass over the absmax)."""
+    if nested is None:
+        return absmax
+    nested_absmax, code8, offset = nested
+    block = torch.arange(absmax.shape[0], device=absmax.device)
+    return code8[absmax.long()] * nested_absmax[block // nested_blocksize] + offset
+
+
 def _dequantize_blocks(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    dtype: torch.dtype,
+    nested: Nested | None = None,
+    nested_blocksize: int = 256,
 ) -> torch.Tensor:
-    """The kernel that gets compiled. packed uint8 (n_blocks, blocksize/2), absmax float32 (n_blocks,), code float32
-    (16,) -> (n_blocks, blocksize) of dtype. Run eagerly it gives the same bits too (its casts are real there)."""
+    """The kernel that gets compiled. packed uint8 (n_blocks, blocksize/2), absmax float32 (n_blocks,) (uint8 codes
+    with `nested`), code float32 (16,) -> (n_blocks, blocksize) of dtype. Run eagerly it gives the same bits too
+    (its casts are real there)."""
     byte = packed.to(torch.int32)
-    scale = absmax[:, None]  # (n_blocks, 1)
+    scale = _block_scales(absmax, nested, nested_blocksize)[:, None]  # (n_blocks, 1)
     first = _select_code(byte >> 4, code) * scale  # elements 2i: high nibbles, (n_blocks, blocksize/2)
     second = _select_code(byte & 15, code) * scale  # elements 2i+1: low nibbles
     if dtype == torch.float32:
@@ -126,20 +150,32 @@ def _dequantize_blocks(
 
 
 def _dequantize_blocks_into_16bit(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_pairs: torch.Tensor, dtype: torch.dtype
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out_pairs: torch.Tensor,
+    dtype: torch.dtype,
+    nested: Nested | None,
+    nested_blocksize: int,
 ) -> None:
     """_dequantize_blocks for a 16-bit dtype, stored into out_pairs: the output viewed as int32 (n_blocks, bs/2)."""
-    out_pairs.copy_(_dequantize_blocks(packed, absmax, code, dtype).view(torch.int32))
+    out_pairs.copy_(_dequantize_blocks(packed, absmax, code, dtype, nested, nested_blocksize).view(torch.int32))
 
 
 def _dequantize_blocks_into_float32(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    nested: Nested | None,
+    nested_blocksize: int,
 ) -> None:
     """_dequantize_blocks for float32, stored into out (n_blocks, blocksize): walked in output order."""
     byte = packed.repeat_interleave(2, dim=1).to(torch.int32)  # (n_blocks, blocksize): byte i // 2 at column i
     column = torch.arange(out.shape[1], device=out.device, dtype=torch.int32)
     shift = (1 - (column & 1)) * 4  # element 2i is the high nibble, 2i+1 the low one
-    out.copy_(_select_code((byte >> shift) & 15, code) * absmax[:, None])
+    scale = _block_scales(absmax, nested, nested_blocksize)[:, None]
+    out.copy_(_select_code((byte >> shift) & 15, code) * scale)
 
 
 def _cpp_compiler() -> str | None:
@@ -181,6 +217,14 @@ def use_compiled(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> bool:
     )
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it if it is a view: Dynamo guards on the size of a view's base and would recompile when
+    that changes. The guards left are the dtypes, the presence of double quant and, rarely, equal sizes
+    (n_blocks == blocksize / 2): a few compiles, under Dynamo's limit of 8 per function (past it, the function
+    would run eagerly: slow, still exact)."""
+    return t.clone() if t._base is not None or not t.is_contiguous() else t
+
+
 def dequantize_blocks(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -189,35 +233,41 @@ def dequantize_blocks(
     n_blocks: int,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    nested: Nested | None = None,
+    nested_blocksize: int = 256,
 ) -> torch.Tensor | None:
     """The first n_blocks whole blocks, dequantized: (n_blocks * blocksize,) of dtype, or None if compiling failed.
 
-    packed: the packed codes, flat or (n, 1) (at least n_blocks * blocksize / 2 bytes); absmax: float32, one per
-    block (at least n_blocks); code: the 16 code values. out: where to write, a contiguous tensor of exactly
-    n_blocks * blocksize elements of dtype (returned, flattened); None for a new tensor.
+    packed: the packed codes, flat or (n, 1) (at least n_blocks * blocksize / 2 bytes); absmax: one per block (at
+    least n_blocks), float32, or with `nested` (double quantization: nested absmax, 8-bit code, offset) the uint8
+    codes of the absmax, decoded inside the kernel; code: the 16 code values. out: where to write, a contiguous
+    tensor of exactly n_blocks * blocksize elements of dtype (returned, flattened); None for a new tensor.
     """
     global _compiled, calls
     assert blocksize % 2 == 0 and n_blocks > 0, f"blocksize {blocksize}, n_blocks {n_blocks}"
     if code.numel() != 16:  # not a 4-bit code: leave it to the reference, which reports it
         return None
     if _compiled is None:
-        _compiled = torch.compile(_dequantize_blocks, dynamic=True, options={"emulate_precision_casts": True})
+        _compiled = torch.compile(_dequantize_blocks, dynamic=True, options=_OPTIONS)
     blocks = packed.reshape(-1)[: n_blocks * blocksize // 2].view(n_blocks, blocksize // 2)  # (n_blocks, bs/2)
-    # A copy, not a slice: Dynamo would guard on the size of the slice's base and recompile when it changes. The
-    # guards left are the dtype and, rarely, equal sizes (n_blocks == blocksize / 2): a few compiles at most,
-    # under Dynamo's limit of 8 per function (past it, the function would run eagerly: slow, still exact).
-    scales = absmax[:n_blocks].to(torch.float32, copy=True)  # (n_blocks,)
-    code = code.to(torch.float32, copy=True)
+    absmax = _own(absmax if absmax.numel() == n_blocks else absmax[:n_blocks])  # (n_blocks,)
+    if nested is None:
+        absmax = absmax.to(torch.float32)
+    else:  # uint8 codes
+        nested = tuple(_own(t.to(torch.float32)) for t in nested)
+    code = _own(code.to(torch.float32))
     try:
         if out is None:
-            result = _compiled(blocks, scales, code, dtype)
+            result = _compiled(blocks, absmax, code, dtype, nested, nested_blocksize)
         else:
             assert out.dtype == dtype and out.is_contiguous() and out.numel() == n_blocks * blocksize
             grid = out.view(n_blocks, blocksize)
             if dtype == torch.float32:
-                _into("float32", _dequantize_blocks_into_float32)(blocks, scales, code, grid)
+                kernel = _into("float32", _dequantize_blocks_into_float32)
+                kernel(blocks, absmax, code, grid, nested, nested_blocksize)
             else:
-                _into("16bit", _dequantize_blocks_into_16bit)(blocks, scales, code, grid.view(torch.int32), dtype)
+                kernel = _into("16bit", _dequantize_blocks_into_16bit)
+                kernel(blocks, absmax, code, grid.view(torch.int32), dtype, nested, nested_blocksize)
             result = out
     except Exception as err:  # a compiler or Inductor failure: never crash, never guess
         _disable(f"{type(err).__name__}: {err}")
@@ -229,5 +279,5 @@ def dequantize_blocks(
 def _into(name: str, fn: Callable[..., None]) -> Callable[..., None]:
     """The compiled form of a kernel that writes into its output argument, made on first use."""
     if name not in _compiled_into:
-        _compiled_into[name] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+        _compiled_into[name] = torch.compile(fn, dynamic=True, options=_OPTIONS)
     return _compiled_into[name]
