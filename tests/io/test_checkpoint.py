@@ -241,3 +241,16 @@ def test_no_weights_at_all(tmp_path, hf_and_dirs):
     shutil.copy(hf_and_dirs[1] / "config.json", ckpt / "config.json")
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         from_pretrained(ckpt)
+
+
+def test_get_on_casts_floating_tensors_only(tmp_path):
+    """get_on(key, device, dtype) on the CPU: floats cast as `.to(dtype)` would, integers keep their dtype (the
+    GPU path, piece by piece, is tests/kernels/test_gpu_loading.py)."""
+    tensors = {"w": torch.randn(33, 7), "h": torch.randn(5).to(torch.float16), "i": torch.arange(9)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with CheckpointReader(tmp_path) as ckpt:
+        for key, stored in tensors.items():
+            got = ckpt.get_on(key, "cpu", torch.bfloat16)
+            want = stored.to(torch.bfloat16) if stored.is_floating_point() else stored
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+            assert ckpt.get_on(key, "cpu").dtype == stored.dtype
