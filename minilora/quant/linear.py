@@ -233,8 +233,10 @@ class Linear4bit(_BnbStateDict):
             from ..kernels.matmul import linear_4bit
 
             y = linear_4bit(x.to(dtype), self.weight, self.quant_state)
-        else:
+        elif torch.is_grad_enabled() and x.requires_grad:
             y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype, scratch=True))
+        else:  # no gradient to carry (inference, or a frozen input): the plain product, without autograd's cost
+            y = F.linear(x.to(dtype), self.dequantize(dtype, scratch=True))
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
