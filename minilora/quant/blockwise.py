@@ -381,12 +381,10 @@ def quantize_blockwise_8bit(
 def dequantize_blockwise_8bit(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
-    """code[q] * absmax[block], float32."""
-    n = q.numel()
-    values = code[q.reshape(-1).long()]
-    pad = (-n) % blocksize
-    values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize)  # (n_blocks, blocksize)
-    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
+    """code[q] * absmax[block], float32 (flat). Without padding or reshapes, so torch.compile can fuse it into
+    the kernel that uses it (compiled.py decodes double-quantized absmax this way inside its dequantize loop)."""
+    q = q.reshape(-1)
+    return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
 
 
 def double_quantize(state: QuantState, nested_blocksize: int = 256, rounding: str | None = None) -> QuantState:

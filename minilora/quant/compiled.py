@@ -59,6 +59,7 @@ from collections.abc import Callable
 import torch
 
 from ..kernels.dispatch import reference_forced
+from . import blockwise  # (blockwise imports this module: its functions are looked up at call time)
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,11 @@ Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _block_scales(absmax: torch.Tensor, nested: Nested | None, nested_blocksize: int) -> torch.Tensor:
     """The float32 scale of each block (n_blocks,): absmax itself, or, double-quantized, the 8-bit codes in absmax
-    decoded as blockwise.dequantize_absmax does, code8[q] * nested_absmax[block // nested_blocksize] + offset
-    (inside the kernel: a per-row scalar, no eager pass over the absmax)."""
+    decoded as blockwise.dequantize_absmax does (inside the kernel: a per-row scalar, no eager pass)."""
     if nested is None:
         return absmax
     nested_absmax, code8, offset = nested
-    block = torch.arange(absmax.shape[0], device=absmax.device)
-    return code8[absmax.long()] * nested_absmax[block // nested_blocksize] + offset
+    return blockwise.dequantize_blockwise_8bit(absmax, nested_absmax, code8, nested_blocksize) + offset
 
 
 def _dequantize_blocks(
