@@ -23,14 +23,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from minilora.errors import CLIError
+
 logger = logging.getLogger("minilora")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 ATTN = "q_proj,k_proj,v_proj,o_proj"
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
 
 
 def _echo(text: str) -> None:

@@ -33,6 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from minilora.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
@@ -55,10 +57,6 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as is: corrupted file, missing/unexpected key, wrong shape."""
 
 
 # ---------------------------------------------------------------------------------------------- reading
