@@ -142,7 +142,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16,
         cache_base_weights=args.cache_base_weights,
-        cuda_graph=args.cuda_graph,
+        fast=not args.no_fast,
+        cuda_graph=True if args.cuda_graph else None,
         eval_every=args.eval_every,
         save_every=args.save_every,
         keep_last=args.keep_last,
@@ -319,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-base-weights", action="store_true", help="dequantize the base once (faster, more memory)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
     p.add_argument(
-        "--cuda-graph", action="store_true", help="replay each optimizer step as a CUDA graph (CUDA; pads batches)"
+        "--no-fast",
+        action="store_true",
+        help="the eager reference loop (default on CUDA: compiled blocks + one CUDA graph per step + packed rows)",
     )
+    p.add_argument("--cuda-graph", action="store_true", help="require the CUDA-graph step (an error off CUDA)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")

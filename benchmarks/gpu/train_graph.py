@@ -50,6 +50,7 @@ def run(graph: bool, layers: int, steps: int, skip: int) -> dict:
             batch_size=4,
             lr=1e-4,
             gradient_checkpointing=True,
+            fast=False,  # the graph alone against the eager loop
             cuda_graph=graph,
             progress=False,
             plot=False,

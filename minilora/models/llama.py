@@ -138,13 +138,16 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None,
     sliding_window: int | None,
     device: torch.device,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (B or 1, 1, q_len, past_len + q_len) for SDPA: True where a query may attend.
 
-    Query i (absolute index past_len + i) sees key j when j <= i (causal), j is not padding, and
-    i - j < sliding_window when a window is set. A query that would see nothing (a left-padding position)
-    is allowed to see every key instead: its output is garbage either way, but it stays finite, so no NaN
-    reaches the real tokens through later layers.
+    Query i (absolute index past_len + i) sees key j when j <= i (causal), j is not padding, i - j <
+    sliding_window when a window is set, and j belongs to the same example as i when ``document_ids``
+    (B, q_len) says which example each position of a packed row holds (no cache then): packed examples
+    never see each other, a block-diagonal causal mask. A query that would see nothing (a left-padding
+    position) is allowed to see every key instead: its output is garbage either way, but it stays finite,
+    so no NaN reaches the real tokens through later layers.
     """
     kv_len = past_len + q_len
     q_idx = torch.arange(past_len, kv_len, device=device)[:, None]  # (T, 1)
@@ -155,6 +158,9 @@ def build_attention_mask(
     allowed = allowed[None]  # (1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, :].bool()  # (B, T, S)
+    if document_ids is not None:
+        assert past_len == 0, "document_ids describe packed rows, which are never decoded with a cache"
+        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])  # (B, T, T)
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return allowed[:, None]  # (B, 1, T, S)
 
@@ -233,7 +239,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        # Each k/v head serves n_heads // n_kv_heads query heads (GQA).
+        # Each k/v head serves n_heads // n_kv_heads query heads (GQA). SDPA's fused kernels take an explicit
+        # mask only with as many k/v heads as query heads (else it falls back to the quadratic-memory math
+        # kernel), so with a mask the k/v heads are repeated here.
+        if mask is not None and self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
@@ -296,6 +307,7 @@ class LlamaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         past_len = 0 if cache is None else cache.length
@@ -318,10 +330,10 @@ class LlamaModel(nn.Module):
         # One mask per distinct window. Without padding, cache or window, SDPA's is_causal does it.
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.config.layer_sliding_windows):
-            if attention_mask is None and past_len == 0 and window is None:
+            if attention_mask is None and document_ids is None and past_len == 0 and window is None:
                 masks[window] = None
             else:
-                masks[window] = build_attention_mask(T, past_len, attention_mask, window, x.device)
+                masks[window] = build_attention_mask(T, past_len, attention_mask, window, x.device, document_ids)
 
         for layer in self.layers:
             mask = masks[layer.self_attn.sliding_window]
@@ -371,13 +383,17 @@ class LlamaForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, cached + T), 1 = token, 0 = padding -> logits (B, T, V).
 
         Without ``position_ids``, positions count the real tokens (padding skipped) when a mask is given,
-        else run on from ``cache.length``.
+        else run on from ``cache.length``. ``document_ids`` (B, T) marks the examples of packed rows:
+        attention stays inside each example (see :func:`build_attention_mask`).
         """
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        hidden = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, document_ids=document_ids
+        )
         return self.lm_head(hidden)
 
 

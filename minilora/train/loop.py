@@ -24,13 +24,17 @@ scheduler, every RNG and the data position (minilora.train.checkpoint); ``resume
 so a run killed and resumed ends with the same adapter bytes and the same loss curve as one never stopped.
 ``metrics.jsonl`` is cut back to the checkpoint's step on resume, so the curve holds each step once.
 
-``cuda_graph=True`` (CUDA only) records each optimizer step, micro-batches included, as one CUDA graph
-(minilora.train.cuda_graph) and replays it: the step is no longer bound by Python and kernel launches.
-Shapes must then be fixed, so micro-batches are right-padded to a multiple of ``graph_pad_multiple``
-tokens and to ``batch_size`` rows (padding rows hold one unmasked pad token and no labels; they add
-nothing to the loss), each distinct padded length is captured once, and the loss is computed on the
-device over every position (the labels' -100 doing the selection) through the chunked cross-entropy.
-Dropout in checkpointed layers draws from graph-safe streams, saved in checkpoints like every other RNG.
+Which path runs (minilora.train.fast): on CUDA, by default, compiled decoder blocks, the whole step as
+one CUDA graph and packed rows; elsewhere, or with ``fast=False``, this eager loop. One log line says
+which, and why a faster piece was refused. With the graph (minilora.train.cuda_graph) each optimizer
+step, micro-batches included, is recorded once and replayed: the step is no longer bound by Python and
+kernel launches. Shapes must then be fixed, so micro-batches are right-padded (to ``pack_length`` when
+packing, else to a multiple of ``graph_pad_multiple`` tokens) and to ``batch_size`` rows (padding rows
+hold one unmasked pad token and no labels; they add nothing to the loss), each distinct padded length is
+captured once, and the loss is computed on the device over every position (the labels' -100 doing the
+selection) through the chunked cross-entropy. Dropout in checkpointed layers draws from graph-safe
+streams, saved in checkpoints like every other RNG. The first step (compile + capture) is timed apart:
+``warmup_s`` in the metrics and the result, left out of the steady-state tokens/s.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from torch import nn
 from minilora.models.llama import position_ids_from_mask
 from minilora.train import checkpoint as ckpt_io
 from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
+from minilora.train.fast import choose_path, compile_blocks, document_ids, pack_first_fit
 from minilora.train.weight_cache import cached_dequantize
 
 logger = logging.getLogger(__name__)
@@ -77,8 +82,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
-    cuda_graph: bool = False  # capture each optimizer step as a CUDA graph (CUDA only; pads batches)
-    graph_pad_multiple: int = 64  # with cuda_graph: pad lengths to a multiple of this (fewer distinct graphs)
+    fast: bool = True  # the fastest exact path for the device (minilora.train.fast); False: the eager loop
+    compile_blocks: bool | None = None  # torch.compile each decoder layer; None: as `fast` decides
+    cuda_graph: bool | None = None  # capture each optimizer step as a CUDA graph (CUDA only); None: auto
+    packing: bool | None = None  # pack examples into rows of pack_length tokens; None: auto
+    pack_length: int | None = None  # None: the longest example rounded up to 64 tokens
+    graph_pad_multiple: int = 64  # graph without packing: pad lengths to a multiple of this
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "yes" / "no" to force
     cache_base_weights: bool = False  # dequantize the frozen base once (faster, float-size memory)
     eval_every: int = 0  # steps; 0: only at the end (if there is eval data)
@@ -121,6 +130,8 @@ class TrainResult:
     tokens: int
     resumed_from: int | None = None
     losses: list[float] = field(default_factory=list)
+    path: str = "eager (reference)"  # which training path ran (minilora.train.fast)
+    warmup_s: float | None = None  # the first step's time when it compiled and captured
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -158,11 +169,12 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     mask = batch.attention_mask
     if batch.position_ids is None and bool(mask.all()):
         mask = None  # no padding: let attention take its causal fast path
+    kw = {} if batch.position_ids is None else {"document_ids": document_ids(batch.position_ids)}  # packed rows
     if hasattr(model, "model") and hasattr(model, "lm_head"):
-        hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)  # (B, T, C)
+        hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)  # (B, T, C)
         logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)
     else:
-        logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)[:, :-1][keep]
+        logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)[:, :-1][keep]
     loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss_sum, n
 
@@ -221,7 +233,8 @@ def accumulated_causal_lm_loss(
     for i in range(ids.shape[0]):
         with autocast if autocast is not None else nullcontext():
             pos = None if positions is None else positions[i]
-            hidden = model.model(ids[i], attention_mask=mask[i], position_ids=pos)[:, :-1]  # (B, T-1, C)
+            doc = None if pos is None else document_ids(pos)  # packed rows: attention within each example
+            hidden = model.model(ids[i], attention_mask=mask[i], position_ids=pos, document_ids=doc)[:, :-1]
             target = labels[i][:, 1:]  # (B, T-1)
             if type(model.lm_head) is nn.Linear:  # a plain head: never all the logits at once
                 loss_sum = chunked_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows=256, reduction="sum")
@@ -338,6 +351,10 @@ class _Progress:
             except ImportError:
                 pass
 
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
     def update(self, **postfix: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
@@ -368,15 +385,17 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = adapter_parameters(model)
-    if config.cuda_graph and device.type != "cuda":
-        raise ValueError(f"TrainConfig.cuda_graph needs the model on a CUDA device, it is on {device}")
+    path = choose_path(model, train_examples, config)
+    logger.info(path.describe())
+    if path.pack_length:
+        train_examples = pack_first_fit(train_examples, path.pack_length)
     optimizer = torch.optim.AdamW(
         params,
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,
         weight_decay=config.weight_decay,
-        capturable=config.cuda_graph,  # the step count lives on the GPU, where the graph reads it
+        capturable=path.cuda_graph,  # the step count lives on the GPU, where the graph reads it
     )
     order = DataOrder(train_examples, config.batch_size, seed=config.seed, pad_token_id=pad_token_id)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
@@ -404,7 +423,7 @@ def train(
         state = ckpt_io.load_checkpoint_state(ckpt)
         ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
         optimizer.load_state_dict(state["optimizer"])
-        _match_capturable(optimizer, config.cuda_graph)
+        _match_capturable(optimizer, path.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         order.load_state_dict(state["trainer_state"]["data"])
@@ -417,8 +436,11 @@ def train(
         _rewrite_metrics(metrics_path, [])
 
     model.train()
+    if path.compile_blocks:
+        compile_blocks(model)
     graphed = None
-    if config.cuda_graph:
+    pad_multiple = path.pack_length or config.graph_pad_multiple  # packed rows: one static length
+    if path.cuda_graph:
         from minilora.train.cuda_graph import CUDAGraphStep
 
         def graph_loss(m: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -432,6 +454,10 @@ def train(
             graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
     progress = _Progress(config.progress, total_steps, start_step)
+    warming = path.compile_blocks or path.cuda_graph  # the first step compiles and captures
+    warmup_s = None
+    if warming:
+        progress.describe("train (warm-up: compile + capture)")
     losses = [m["loss"] for m in read_metrics(metrics_path) if "loss" in m]
     eval_loss = None
     step = start_step
@@ -451,7 +477,7 @@ def train(
             lr = float(optimizer.param_groups[0]["lr"])
             grad_norm = None
             if graphed is not None:  # the whole step, replayed
-                inputs = pad_micro_batches(micro, config.batch_size, config.graph_pad_multiple, pad_token_id)
+                inputs = pad_micro_batches(micro, config.batch_size, pad_multiple, pad_token_id)
                 loss = float(graphed(*inputs))
                 if graphed.grad_norm is not None:
                     grad_norm = float(graphed.grad_norm)
@@ -474,6 +500,10 @@ def train(
             step_tokens = sum(b.n_tokens for b in micro)
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
+            if warming:  # reported apart: steady-state speed leaves it out
+                warmup_s, warming = dt, False
+                logger.info("warm-up (compile + capture, first step): %.1f s", dt)
+                progress.describe("train")
             losses.append(loss)
             record = {
                 "step": step,
@@ -485,6 +515,8 @@ def train(
                 "tokens_per_s": step_tokens / dt,
                 "elapsed_s": time.perf_counter() - t_start,
             }
+            if warmup_s is not None and step == start_step + 1:
+                record["warmup_s"] = warmup_s
             if step % config.log_every == 0 or step == total_steps:
                 log(record)
             progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
@@ -522,6 +554,8 @@ def train(
         tokens=tokens_seen,
         resumed_from=resumed_from,
         losses=losses,
+        path=path.name,
+        warmup_s=warmup_s,
     )
 
 

@@ -92,6 +92,7 @@ def _run(tiny_dir: Path, byte_tok, out: Path, graph: bool, dropout: float, **kw)
         grad_accum=2,
         lr=1e-3,
         bf16="no",
+        fast=False,  # the graph alone (no compiled blocks, no packing): compared with the eager loop
         cuda_graph=graph,
         gradient_checkpointing=True,
         progress=False,
