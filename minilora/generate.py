@@ -16,6 +16,10 @@ not decoded into the text).
 Only the last position's hidden state goes through the output head: the prompt's other logits are
 never used, and with a large vocabulary the head is a large share of a small model's cost.
 
+On CUDA, by default (``SamplingConfig.fast``), each new token is one replay of a CUDA graph over a static
+cache (minilora.decode.GraphDecoder, compiled once per model and cache size); the loop below is the
+reference it is tested against, and what runs everywhere else.
+
     >>> for piece in stream_text(model, tokenizer, "Price is $", max_new_tokens=8):   # doctest: +SKIP
     ...     print(piece, end="", flush=True)
 """
@@ -41,6 +45,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    fast: bool = True  # on CUDA: one CUDA graph per token (minilora.decode); False: the reference loop
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -118,16 +123,43 @@ def stream_tokens(
     stops = _stop_set(eos_token_id, config)
     was_training = model.training
     model.eval()
+    decoder = _graph_decoder(model, total) if config.fast and param.device.type == "cuda" else None
     try:
-        logits = _last_logits(model, ids, None, cache)
+        if decoder is not None:
+            logits = decoder.prefill(ids)
+            step = decoder.step
+        else:
+            logits = _last_logits(model, ids, None, cache)
+
+            def step(t: torch.Tensor) -> torch.Tensor:
+                return _last_logits(model, t.reshape(1, 1), None, cache)
+
         for i in range(config.max_new_tokens):
-            token = int(pick_next(logits, config, generator)[0])
+            next_id = pick_next(logits, config, generator)  # (1,), on the device
+            token = int(next_id[0])
             yield token
             if token in stops or i == config.max_new_tokens - 1:
                 return
-            logits = _last_logits(model, torch.tensor([[token]], device=param.device), None, cache)
+            logits = step(next_id)
     finally:
         model.train(was_training)
+
+
+def _graph_decoder(model: nn.Module, total: int):  # -> minilora.decode.GraphDecoder
+    """The model's graph decoder for caches of ``total`` positions (rounded up to 256: few sizes, few compiles)."""
+    from minilora.decode import GraphDecoder
+
+    max_len = -(-total // 256) * 256
+    # A graph reads tensors at the addresses it was captured with: a swapped module or tensor (add_lora,
+    # merge, a reload) makes another model, which gets a new decoder.
+    tensors = (*model.parameters(), *model.buffers())
+    key = (max_len, tuple(id(m) for m in model.modules()), tuple(t.data_ptr() for t in tensors))
+    decoders = model.__dict__.setdefault("_minilora_graph_decoders", {})
+    if key not in decoders:
+        for stale in [k for k in decoders if k[1:] != key[1:]]:
+            del decoders[stale]
+        decoders[key] = GraphDecoder(model, batch_size=1, max_len=max_len)
+    return decoders[key]
 
 
 def generate(

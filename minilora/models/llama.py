@@ -42,6 +42,7 @@ __all__ = [
     "LlamaModel",
     "RMSNorm",
     "RotaryEmbedding",
+    "StaticKVCache",
     "apply_rotary",
     "build_attention_mask",
     "generate_greedy",
@@ -207,6 +208,67 @@ class KVCache:
         self.length = 0
 
 
+class StaticKVCache:
+    """A KV cache whose every shape and address stays fixed while decoding: one token is one CUDA graph.
+
+    Where :class:`KVCache` returns the keys stored so far (a length that grows, decided on the host), this
+    one always returns all ``max_len`` slots and masks the unused ones; the next slot and each row's next
+    position live in device tensors, advanced in place (gpt-fast's static cache). ``valid`` (B, max_len)
+    marks slots holding a real token (left padding of a batched prompt stays invalid).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # next slot, shared by the rows
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._slots = torch.arange(max_len, device=device)
+
+    def begin(
+        self, T: int, attention_mask: torch.Tensor | None, windows: set[int | None]
+    ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
+        """Positions (B, T) and one mask (B, 1, T, max_len) per window for T new tokens; marks their slots."""
+        new = self.slot + self._slots[:T]  # (T,) slots written by this forward
+        real = torch.ones(self.batch_size, T, dtype=torch.long, device=new.device)
+        if attention_mask is not None:  # a left-padded prompt: (B, T) 1 = token
+            real = attention_mask[:, -T:].long()
+        position_ids = self.next_pos[:, None] + real.cumsum(-1) - 1  # (B, T)
+        self.valid[:, new] = real.bool()
+        causal = self._slots[None, :] <= new[:, None]  # (T, S)
+        masks = {}
+        for window in windows:
+            allowed = causal if window is None else causal & (self._slots[None, :] > new[:, None] - window)
+            allowed = allowed[None] & self.valid[:, None, :]  # (B, T, S)
+            masks[window] = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, T, S)
+        self.next_pos += real.sum(-1)
+        self._new = new
+        return position_ids.clamp(min=0), masks
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) into this forward's slots; return every slot (B, n_kv, max_len, hd)."""
+        self.keys[layer_idx].index_copy_(2, self._new, k)
+        self.values[layer_idx].index_copy_(2, self._new, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, n: int) -> None:
+        self.slot += n  # in place: a captured graph replays it
+
+    def reset(self) -> None:
+        self.slot.zero_()
+        self.next_pos.zero_()
+        self.valid.zero_()
+
+
 # ---------------------------------------------------------------------------------------------- blocks
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, through F.scaled_dot_product_attention."""
@@ -230,7 +292,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -306,10 +368,13 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
+        if isinstance(cache, StaticKVCache):  # fixed shapes: the cache gives positions and masks
+            position_ids, masks = cache.begin(T, attention_mask, set(self.config.layer_sliding_windows))
+            return self._layers(self.embed_tokens(input_ids), position_ids, masks, cache)
         past_len = 0 if cache is None else cache.length
         if attention_mask is not None and attention_mask.shape != (B, past_len + T):
             raise ValueError(
@@ -325,8 +390,6 @@ class LlamaModel(nn.Module):
             position_ids = position_ids[None]  # (1, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B|1, T, hd)
-
         # One mask per distinct window. Without padding, cache or window, SDPA's is_causal does it.
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.config.layer_sliding_windows):
@@ -334,7 +397,18 @@ class LlamaModel(nn.Module):
                 masks[window] = None
             else:
                 masks[window] = build_attention_mask(T, past_len, attention_mask, window, x.device, document_ids)
+        return self._layers(x, position_ids, masks, cache)
 
+    def _layers(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        masks: dict[int | None, torch.Tensor | None],
+        cache: KVCache | StaticKVCache | None,
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm over embeddings x (B, T, C)."""
+        T = x.shape[1]
+        cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B|1, T, hd)
         for layer in self.layers:
             mask = masks[layer.self_attn.sliding_window]
             if self.gradient_checkpointing and self.training and cache is None:
@@ -382,7 +456,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, cached + T), 1 = token, 0 = padding -> logits (B, T, V).
