@@ -64,6 +64,8 @@ from minilora.train.weight_cache import cached_dequantize
 
 logger = logging.getLogger(__name__)
 
+CHUNKED_LOGITS = 2**28  # above this many logits (1 GiB in float32) the loss goes chunk by chunk
+
 
 @dataclass
 class TrainConfig:
@@ -172,7 +174,14 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     kw = {} if batch.position_ids is None else {"document_ids": document_ids(batch.position_ids)}  # packed rows
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)  # (B, T, C)
-        logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)
+        head = model.lm_head
+        if type(head) is nn.Linear and head.bias is None and n * head.out_features > CHUNKED_LOGITS:
+            # long sequences: never all N x V float32 logits at once (1 GB per 2,048 tokens of a Llama-3 head)
+            from minilora.kernels.loss import chunked_cross_entropy
+
+            loss_sum = chunked_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep], 1024, reduction="sum")
+            return loss_sum, n
+        logits = head(hidden[:, :-1][keep])  # (N, V)
     else:
         logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)[:, :-1][keep]
     loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")

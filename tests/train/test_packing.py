@@ -119,3 +119,20 @@ def test_off_cuda_the_eager_loop_runs_and_says_why(tiny_dir: Path, byte_tok, tmp
         result = loop.train(model, ex, config)
     assert result.path == "eager (reference)" and result.warmup_s is None
     assert any(r.getMessage().startswith("training path: eager (reference)") for r in caplog.records)
+
+
+def test_long_sequences_take_the_chunked_head_with_the_same_loss(tiny_dir: Path, byte_tok, monkeypatch) -> None:
+    model = _model(tiny_dir).train()
+    batch = collate(_examples(byte_tok)[:4])
+    params = loop.adapter_parameters(model)
+    results = []
+    for threshold in (loop.CHUNKED_LOGITS, 0):  # 0: every batch counts as long
+        monkeypatch.setattr(loop, "CHUNKED_LOGITS", threshold)
+        loss_sum, n = loop.causal_lm_loss(model, batch)
+        (loss_sum / n).backward()
+        results.append((float(loss_sum.detach()), [p.grad.clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    (plain, g_plain), (chunked, g_chunked) = results
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    for a, b in zip(g_chunked, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
