@@ -81,6 +81,9 @@ def choose_path(model: nn.Module, examples: Sequence[Example], config) -> TrainP
         raise ValueError(f"TrainConfig.cuda_graph needs the model on a CUDA device, it is on {device}")
     path.compile_blocks = auto if wants["compile_blocks"] is None else wants["compile_blocks"]
     path.cuda_graph = auto if wants["cuda_graph"] is None else wants["cuda_graph"]
+    if path.cuda_graph and wants["cuda_graph"] is None and config.offload_checkpoints:
+        path.cuda_graph = False
+        path.refused.append("no CUDA graph: offload_checkpoints copies to the host in the backward")
     packing = auto if wants["packing"] is None else wants["packing"]
     if packing and examples and isinstance(examples[0], PackedExample):
         packing = False  # the caller packed them already

@@ -84,6 +84,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False  # with checkpointing, keep each layer's input in CPU memory (eager loop)
     fast: bool = True  # the fastest exact path for the device (minilora.train.fast); False: the eager loop
     compile_blocks: bool | None = None  # torch.compile each decoder layer; None: as `fast` decides
     cuda_graph: bool | None = None  # capture each optimizer step as a CUDA graph (CUDA only); None: auto
@@ -413,6 +414,14 @@ def train(
     )
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = config.gradient_checkpointing
+    if config.offload_checkpoints:
+        if not (config.gradient_checkpointing and hasattr(getattr(model, "model", None), "checkpoint_fn")):
+            raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing and a minilora decoder")
+        if path.cuda_graph:
+            raise ValueError("TrainConfig.offload_checkpoints runs in the eager loop: set cuda_graph=False")
+        from minilora.train.offload import offloaded_checkpoint
+
+        model.model.checkpoint_fn = offloaded_checkpoint
 
     metrics_path = out / "metrics.jsonl"
     start_step, tokens_seen, resumed_from = 0, 0, None

@@ -27,10 +27,10 @@ def _examples(byte_tok, n: int = 12) -> list[Example]:
     return tokenize_records([p.record() for p in train_p], byte_tok, max_length=160).examples
 
 
-def _model(tiny_dir: Path):
+def _model(tiny_dir: Path, dropout: float = 0.0):
     model = from_pretrained(tiny_dir, quantize="nf4")
     loop.seed_everything(0)
-    add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.0)
+    add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=dropout)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: make the adapters matter
             torch.nn.init.normal_(p, std=0.05)
@@ -136,3 +136,25 @@ def test_long_sequences_take_the_chunked_head_with_the_same_loss(tiny_dir: Path,
     assert chunked == pytest.approx(plain, rel=1e-5)
     for a, b in zip(g_chunked, g_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_offloaded_checkpoints_give_the_checkpointed_gradients(tiny_dir: Path, byte_tok) -> None:
+    from minilora.train.offload import offloaded_checkpoint
+
+    batch = collate(_examples(byte_tok)[:4])
+    results = []
+    for fn in (None, offloaded_checkpoint):
+        model = _model(tiny_dir, dropout=0.2)  # randomness inside the layers: the recompute must replay it
+        model.train()
+        model.gradient_checkpointing = True
+        model.model.checkpoint_fn = fn
+        torch.manual_seed(5)
+        loss_sum, n = loop.causal_lm_loss(model, batch)
+        (loss_sum / n).backward()
+        results.append((float(loss_sum.detach()), [p.grad.clone() for p in loop.adapter_parameters(model)]))
+    (plain, g_plain), (off, g_off) = results
+    assert off == pytest.approx(plain, rel=1e-6)
+    torch.manual_seed(6)  # another draw of the dropout masks gives another loss: the masks matter
+    assert float(loop.causal_lm_loss(model, batch)[0].detach()) != pytest.approx(plain, rel=1e-6)
+    for a, b in zip(g_off, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
