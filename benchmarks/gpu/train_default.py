@@ -174,7 +174,7 @@ def run_minilora(cases: list[str]) -> dict:
 
 
 def run_minilora_context() -> dict:
-    """Eager default path on one long sequence per step (a fresh process: no graph pools from other cases)."""
+    """The eager loop with offloaded checkpoints on one long sequence per step (a fresh process)."""
     from minilora.train import loop
     from minilora.train.data import Example
 
@@ -184,7 +184,7 @@ def run_minilora_context() -> dict:
         ids = torch.randint(0, LLAMA8B["vocab_size"], (seq,)).tolist()
         with tempfile.TemporaryDirectory() as tmp:
             config = loop.TrainConfig(
-                output_dir=tmp, max_steps=1, batch_size=1, gradient_checkpointing=True, fast=False,
+                output_dir=tmp, max_steps=1, batch_size=1, gradient_checkpointing=True, fast=False, offload_checkpoints=True,
                 progress=False, plot=False, save_final_adapter=False,
             )  # fmt: skip
             loop.train(model, [Example(ids, list(ids))], config)
