@@ -184,8 +184,8 @@ def run_minilora_context() -> dict:
         ids = torch.randint(0, LLAMA8B["vocab_size"], (seq,)).tolist()
         with tempfile.TemporaryDirectory() as tmp:
             config = loop.TrainConfig(
-                output_dir=tmp, max_steps=1, batch_size=1, gradient_checkpointing=True, fast=False, offload_checkpoints=True,
-                progress=False, plot=False, save_final_adapter=False,
+                output_dir=tmp, max_steps=1, batch_size=1, gradient_checkpointing=True, fast=False,
+                offload_checkpoints=True, progress=False, plot=False, save_final_adapter=False,
             )  # fmt: skip
             loop.train(model, [Example(ids, list(ids))], config)
 
