@@ -156,6 +156,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         from minilora.train.data import pack_examples
 
         examples = pack_examples(examples, args.max_length)
+    logging.getLogger("minilora.train.loop").setLevel(logging.INFO)  # the line that names the training path
     result = train(model, examples, config, eval_data.examples if eval_data else None, pad, resume=args.resume)
     if result.adapter_dir is not None:
         result.adapter_dir.joinpath("README.md").write_text(
@@ -177,20 +178,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt is not None else args.prompt_pos
     if prompt is None:
         raise CLIError("no prompt: pass --prompt TEXT")
+    import time
+
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_dir = _model_dir(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = from_pretrained(model_dir, quantize=_quantize_arg(args.quantize))
+    model = from_pretrained(model_dir, quantize=_quantize_arg(args.quantize), device=device)
     if args.adapter:
         load_adapter(model, args.adapter)
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        fast=not args.no_fast,
     )
+    t0, pieces = time.perf_counter(), []
     for piece in stream_text(model, tokenizer, prompt, config):
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    n = len(tokenizer.encode("".join(pieces), add_bos=False)) if pieces else 0
+    path = "one CUDA graph per token" if config.fast and device.startswith("cuda") else "eager loop"
+    sys.stderr.write(f"~{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s incl. prefill and warm-up, {device}, {path})\n")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -348,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     p.add_argument("--quantize", default="none", choices=("nf4", "fp4", "int8", "none"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when available)")
+    p.add_argument("--no-fast", action="store_true", help="the reference decoding loop (default on CUDA: CUDA graphs)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
