@@ -255,17 +255,13 @@ def cmd_footprint(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
-    import os
+    import importlib.util
+    import subprocess
 
-    if os.getcwd() not in sys.path:  # the benchmarks package lives in a source checkout, not in the wheel
-        sys.path.append(os.getcwd())
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError as e:
-        raise CLIError(
-            f"bench needs the benchmarks package of a source checkout (run from the repository root): {e}"
-        ) from e
-    return bench_main(list(args.bench_args))
+    # The benchmarks package lives in a source checkout (the current directory), not in the wheel.
+    if importlib.util.find_spec("benchmarks") is None and not Path("benchmarks/run.py").is_file():
+        raise CLIError("bench needs the benchmarks package of a source checkout: run it from the repository root")
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args.bench_args], check=False).returncode
 
 
 # ---------------------------------------------------------------------------------------------- parser

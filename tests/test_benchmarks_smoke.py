@@ -6,19 +6,16 @@ Asserts that the result files exist and carry the expected columns and keys; nev
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from benchmarks.run import RESULTS, SUITES, main, output_dir, parse  # noqa: E402
+from benchmarks.run import RESULTS, SUITES, main, output_dir, parse  # noqa: E402  (after the importorskips)
 
 EXPECTED = {
     "quant": {

@@ -15,27 +15,24 @@ Three timings per case:
   per_call    do_bench median with L2 flushed, launch included (host-bound for small work on this VM).
 Correctness: relative error against the float32 product with the reference-dequantized weight.
 
-    python benchmarks/gpu/bench_decode.py --out benchmarks/results
+    python3 -m benchmarks.gpu.bench_decode --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import from_bnb_state, rel_err  # noqa: E402
-from common import bench_us, environment, md_table, write_results  # noqa: E402
-
-from minilora.kernels import gemv as kgemv  # noqa: E402
-from minilora.kernels import matmul as kmatmul  # noqa: E402
-from minilora.kernels.dequant import dequantize_4bit_triton  # noqa: E402
-from minilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from benchmarks.gpu.bench_kernels import from_bnb_state, rel_err
+from benchmarks.gpu.common import bench_us, environment, md_table, write_results
+from minilora.kernels import gemv as kgemv
+from minilora.kernels import matmul as kmatmul
+from minilora.kernels.dequant import dequantize_4bit_triton
+from minilora.quant import dequantize_4bit, quantize_4bit
 
 SHAPES = {"gate_proj": (14336, 4096), "down_proj": (4096, 14336), "q_proj": (4096, 4096)}
 SWEEP = [  # (BLOCK_N, BLOCK_KB, num_warps)

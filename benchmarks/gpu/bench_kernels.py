@@ -7,7 +7,7 @@ minilora's Triton dequantize against bitsandbytes' CUDA kernel and the plain-PyT
 Correctness is checked on the same tensors before timing: the Triton dequantize must equal the reference
 bit for bit; matmuls must be within bf16 rounding of the float32 product of the same operands.
 
-    python benchmarks/gpu/bench_kernels.py --out benchmarks/results [--quick]
+    python3 -m benchmarks.gpu.bench_kernels --out benchmarks/results [--quick]
 
 Writes <out>/kernels-h200.md and .json. Times are medians of CUDA-event timings with L2 flushed
 before each call (triton.testing.do_bench).
@@ -16,19 +16,16 @@ before each call (triton.testing.do_bench).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results  # noqa: E402
-
-from minilora.kernels import dequant as kdequant  # noqa: E402
-from minilora.kernels import matmul as kmatmul  # noqa: E402
-from minilora.kernels import reference_mode  # noqa: E402
-from minilora.quant import NestedState, QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
+from benchmarks.gpu.common import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results
+from minilora.kernels import dequant as kdequant
+from minilora.kernels import matmul as kmatmul
+from minilora.kernels import reference_mode
+from minilora.quant import NestedState, QuantState, dequantize_4bit, quantize_4bit
 
 SHAPES = {"gate_proj": (14336, 4096), "down_proj": (4096, 14336), "q_proj": (4096, 4096)}
 

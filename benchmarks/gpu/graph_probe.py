@@ -1,7 +1,7 @@
 """Which parts of the QLoRA step break CUDA-graph capture? One variant per process (a failed capture can
 leave the context unusable). Diagnostic for benchmarks/gpu/NOTES.md; prints one line per variant.
 
-    python benchmarks/gpu/graph_probe.py [variant ...]
+    python3 -m benchmarks.gpu.graph_probe [variant ...]
 """
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ["lm_graph_first", "lm_graph_last", "lm_graph_after_fast", "lm_graph_after_reference"]
 ORDERS = {
@@ -80,4 +77,4 @@ if __name__ == "__main__":
             print("\n".join(tb[-30:]), flush=True)
         sys.exit(0)
     for v in sys.argv[1:] or VARIANTS:
-        subprocess.run([sys.executable, __file__, "--one", v], timeout=240, check=False)
+        subprocess.run([sys.executable, "-m", __spec__.name, "--one", v], timeout=240, check=False)

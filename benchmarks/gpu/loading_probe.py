@@ -4,23 +4,21 @@ Writes the loading suite's 349M-parameter float32 checkpoint, loads it once to w
 `from_pretrained(..., quantize="nf4", double_quant=True, dtype=bfloat16, device="cuda")` by wrapping the
 loader's steps: reading each tensor from its file, the cast to bfloat16, the host-to-device copy, quantizing.
 
-    python benchmarks/gpu/loading_probe.py
+    python3 -m benchmarks.gpu.loading_probe
 """
 
 from __future__ import annotations
 
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import minilora.loading as loading  # noqa: E402
-from benchmarks.cpu.loading import FULL, SMOKE, write_checkpoint  # noqa: E402
-from minilora.io.checkpoint import CheckpointReader  # noqa: E402
+import minilora.loading as loading
+from benchmarks.cpu.loading import FULL, SMOKE, write_checkpoint
+from minilora.io.checkpoint import CheckpointReader
 
 spent: dict[str, float] = collections.defaultdict(float)
 

@@ -1,7 +1,7 @@
 """Run the GEMV decode kernel a few times on gate_proj (14336x4096, NF4 + double quant, M = 1) for Nsight Compute:
 
     ncu --clock-control none -k regex:_gemv_4bit --launch-skip 3 --launch-count 1 \\
-        --section SpeedOfLight --section ... python3 benchmarks/gpu/profile_gemv.py
+        --section SpeedOfLight --section ... python3 -m benchmarks.gpu.profile_gemv
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Also: 20 steps of a 2-layer model of the same widths on minilora's fast path and
 (`reference_mode`), same initial adapters, data and dropout seeds: the two loss curves must agree within
 bf16 tolerance.
 
-    python benchmarks/gpu/qlora_step.py --out benchmarks/results
+    python3 -m benchmarks.gpu.qlora_step --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, md_table, write_results  # noqa: E402
+from benchmarks.gpu.common import environment, md_table, write_results
 
 LLAMA8B = dict(
     vocab_size=128256,
@@ -294,7 +293,15 @@ def main() -> None:
     # The reference runs in a child process: its libraries then share no CUDA state with minilora's runs
     # (after it ran in this process, the first CUDA-graph capture failed: benchmarks/gpu/NOTES.md).
     with tempfile.TemporaryDirectory() as tmp:
-        child = [sys.executable, __file__, "--reference-only", f"{tmp}/ref.json", "--layers", str(args.layers)]
+        child = [
+            sys.executable,
+            "-m",
+            __spec__.name,
+            "--reference-only",
+            f"{tmp}/ref.json",
+            "--layers",
+            str(args.layers),
+        ]
         child += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
         done = subprocess.run(child, check=False)
         if done.returncode == 0:
@@ -316,7 +323,9 @@ def main() -> None:
         # ("operation would make the legacy stream depend on a capturing blocking stream"), while the same
         # sequence in a fresh process captures (benchmarks/gpu/graph_probe.py; NOTES.md).
         with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, __file__, "--loss-match-only", f"{tmp}/lm.json"], check=False)
+            done = subprocess.run(
+                [sys.executable, "-m", __spec__.name, "--loss-match-only", f"{tmp}/lm.json"], check=False
+            )
             if done.returncode == 0:
                 record["loss_match"] = json.loads(Path(f"{tmp}/lm.json").read_text())
                 print(f"loss match: {record['loss_match']}", flush=True)

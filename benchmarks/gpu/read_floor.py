@@ -6,21 +6,17 @@ kernels, timed as bench_decode.py times the GEMV ("rot": a CUDA graph cycling th
 every call reads HBM): a Triton streaming reduction (128-bit loads, xor into one word per program; tiles and
 warps swept) and torch's own int32 sum.
 
-    python benchmarks/gpu/read_floor.py
+    python3 -m benchmarks.gpu.read_floor
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import graph_time  # noqa: E402
-from common import bench_us  # noqa: E402
+from benchmarks.gpu.bench_decode import graph_time
+from benchmarks.gpu.common import bench_us
 
 NBYTES = 14336 * 4096 // 2 + 14336 * 4096 // 64  # packed NF4 codes + 8-bit absmax codes of gate_proj
 

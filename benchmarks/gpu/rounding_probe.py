@@ -6,7 +6,7 @@ bitsandbytes on the GPU and re-derives the codes with each candidate PTX divisio
 kernel), counting the codes that differ. The candidate with 0 differences is what minilora must use on CUDA
 to store the same bytes.
 
-    python benchmarks/gpu/rounding_probe.py          (prints a table; needs CUDA, triton, bitsandbytes)
+    python3 -m benchmarks.gpu.rounding_probe          (prints a table; needs CUDA, triton, bitsandbytes)
 
 Found on the H200 (session 3): every fast division (div.full.ftz, div.approx.ftz, rcp.approx.ftz times the
 numerator) gave 0 differing FP4 and int8 codes, IEEE division 254-3,641 FP4 and 134-688 int8. In that run the

@@ -16,10 +16,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
 for part in $parts; do
   case $part in
-    kernels) timeout 200 python3 benchmarks/gpu/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" ;;
-    decode) timeout 170 python3 benchmarks/gpu/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
+    kernels) timeout 200 python3 -m benchmarks.gpu.bench_kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.log" ;;
+    decode) timeout 170 python3 -m benchmarks.gpu.bench_decode --out "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
     tests) timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/train 2>&1 | tee "$OUT/tests.log" ;;
-    qlora) timeout ${QLORA_TIMEOUT:-250} python3 benchmarks/gpu/qlora_step.py --out "$OUT" $QLORA_ARGS 2>&1 | tee "$OUT/qlora.log" ;;
+    qlora) timeout ${QLORA_TIMEOUT:-250} python3 -m benchmarks.gpu.qlora_step --out "$OUT" $QLORA_ARGS 2>&1 | tee "$OUT/qlora.log" ;;
     *) echo "unknown part $part (kernels, decode, tests, qlora)"; exit 2 ;;
   esac
 done

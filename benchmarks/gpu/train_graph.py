@@ -6,7 +6,7 @@ checkpointing, bf16 autocast, AdamW, clipping at 1.0. Throughput is read from th
 metrics.jsonl (tokens/s per step, real tokens only, padding not counted), median over the steps after the
 first `--skip` (which hold the graph captures). Both runs in this process, eager first.
 
-    python3 benchmarks/gpu/train_graph.py --out benchmarks/results
+    python3 -m benchmarks.gpu.train_graph --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, md_table, write_results  # noqa: E402
-from qlora_step import LLAMA8B, build_minilora  # noqa: E402
+from benchmarks.gpu.common import environment, md_table, write_results
+from benchmarks.gpu.qlora_step import LLAMA8B, build_minilora
 
 
 def examples(n: int, seed: int = 0) -> list:

@@ -197,9 +197,8 @@ def test_a_replaced_learning_rate_is_refused() -> None:
 
 
 _HOST_SYNC_SCRIPT = """
-import torch, sys
-sys.path.insert(0, {tests!r})
-from test_cuda_graph import CUDAGraphStep, _adapter, _loss, _tiny_model
+import torch
+from tests.train.test_cuda_graph import CUDAGraphStep, _adapter, _loss, _tiny_model
 model = _tiny_model("cuda", 0.0)
 def syncing_loss(m, ids):
     loss = _loss(m, ids)
@@ -222,10 +221,7 @@ def test_a_host_sync_in_the_loss_is_named_when_capture_fails() -> None:
     import sys
     from pathlib import Path
 
-    tests = str(Path(__file__).parent)
     root = str(Path(__file__).parents[2])
     env = {**os.environ, "PYTHONPATH": root}
-    done = subprocess.run(
-        [sys.executable, "-c", _HOST_SYNC_SCRIPT.format(tests=tests)], capture_output=True, text=True, env=env
-    )
+    done = subprocess.run([sys.executable, "-c", _HOST_SYNC_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
     assert "RAISED True" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
