@@ -2,7 +2,7 @@
 
 Llama-3.1-8B shapes with random weights, a 32-token prompt, 256 new tokens, greedy. References: transformers
 (+ bitsandbytes NF4+DQ) with its static cache and torch.compile (`cache_implementation="static"`, forward
-compiled with mode="reduce-overhead"), each in a child process of its own. minilora: `generate()` with the
+compiled by transformers' generate itself), each in a child process of its own. minilora: `generate()` with the
 default SamplingConfig (one CUDA graph per token, minilora.decode), NF4+DQ and bf16, and NF4+DQ with an
 r=32 adapter on q,k,v,o left unmerged. Each stack generates once to warm up (compile, capture), then the
 timed run; tokens/s = new tokens / wall time of the whole generate call (prefill included).
@@ -51,31 +51,36 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def run_reference(quant: bool) -> dict:
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**LLAMA8B, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg)
-        torch.set_default_dtype(torch.float32)
-        if quant:  # through a checkpoint, as users load it
-            model.save_pretrained(tmp)
-            del model
-            torch.cuda.empty_cache()
-            q = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
-            model = LlamaForCausalLM.from_pretrained(
-                tmp, quantization_config=q, dtype=torch.bfloat16, device_map="cuda"
-            )
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    if quant:  # every decoder Linear as bitsandbytes' Linear4bit, NF4 + double quant (as qlora_step builds it)
+        for parent in list(model.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=False,
+                        compute_dtype=torch.bfloat16,
+                        compress_statistics=True,
+                        quant_type="nf4",
+                        device="meta",
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+                    ).to("cuda")
+                    setattr(parent, name, q)
+        torch.cuda.empty_cache()
     model.eval()
+    # transformers compiles the forward itself for a static cache (generation_config.compile_config)
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids = prompt_ids().cuda()
 
     def gen() -> list[int]:
@@ -158,6 +163,8 @@ def copy_tbps() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--only", help="comma-separated children (default: all)")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds per child")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,20 +178,23 @@ def main() -> None:
         args.child_out.write_text(json.dumps(children[args.child](), default=str))
         return
     record: dict = {"env": environment(), "copy_TBps": copy_tbps(), "prompt": PROMPT, "new_tokens": NEW}
-    for what in children:
+    stem = f"decode-default-{card()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    for what in args.only.split(",") if args.only else children:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             cmd = [sys.executable, "-m", "benchmarks.gpu.decode_default", "--child", what, "--child-out", f"{tmp}/r"]
-            done = subprocess.run(cmd, check=False)
+            try:
+                done = subprocess.run(cmd, check=False, timeout=args.child_timeout)
+            except subprocess.TimeoutExpired:
+                done = subprocess.CompletedProcess(cmd, "timeout")
             record[what] = (
                 json.loads(Path(f"{tmp}/r").read_text()) if done.returncode == 0 else {"error": done.returncode}
             )
             print(f"{what}: {time.perf_counter() - t:.0f} s: {json.dumps(record[what])[:300]}", flush=True)
-    record["rows"] = rows(record)
-    stem = f"decode-default-{card()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(render(record))
+        record["rows"] = rows(record)  # after every child: a later one running out of time loses nothing
+        (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (args.out / f"{stem}.md").write_text(render(record))
     print(render(record))
 
 

@@ -395,17 +395,17 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = adapter_parameters(model)
-    path = choose_path(model, train_examples, config)
-    logger.info(path.describe())
-    if path.pack_length:
-        train_examples = pack_first_fit(train_examples, path.pack_length)
+    plan = choose_path(model, train_examples, config)
+    logger.info(plan.describe())
+    if plan.pack_length:
+        train_examples = pack_first_fit(train_examples, plan.pack_length)
     optimizer = torch.optim.AdamW(
         params,
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,
         weight_decay=config.weight_decay,
-        capturable=path.cuda_graph,  # the step count lives on the GPU, where the graph reads it
+        capturable=plan.cuda_graph,  # the step count lives on the GPU, where the graph reads it
     )
     order = DataOrder(train_examples, config.batch_size, seed=config.seed, pad_token_id=pad_token_id)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
@@ -417,7 +417,7 @@ def train(
     if config.offload_checkpoints:
         if not (config.gradient_checkpointing and hasattr(getattr(model, "model", None), "checkpoint_fn")):
             raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing and a minilora decoder")
-        if path.cuda_graph:
+        if plan.cuda_graph:
             raise ValueError("TrainConfig.offload_checkpoints runs in the eager loop: set cuda_graph=False")
         from minilora.train.offload import offloaded_checkpoint
 
@@ -441,7 +441,7 @@ def train(
         state = ckpt_io.load_checkpoint_state(ckpt)
         ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
         optimizer.load_state_dict(state["optimizer"])
-        _match_capturable(optimizer, path.cuda_graph)
+        _match_capturable(optimizer, plan.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         order.load_state_dict(state["trainer_state"]["data"])
@@ -454,11 +454,11 @@ def train(
         _rewrite_metrics(metrics_path, [])
 
     model.train()
-    if path.compile_blocks:
+    if plan.compile_blocks:
         compile_blocks(model)
     graphed = None
-    pad_multiple = path.pack_length or config.graph_pad_multiple  # packed rows: one static length
-    if path.cuda_graph:
+    pad_multiple = plan.pack_length or config.graph_pad_multiple  # packed rows: one static length
+    if plan.cuda_graph:
         from minilora.train.cuda_graph import CUDAGraphStep
 
         def graph_loss(m: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -472,7 +472,7 @@ def train(
             graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
     progress = _Progress(config.progress, total_steps, start_step)
-    warming = path.compile_blocks or path.cuda_graph  # the first step compiles and captures
+    warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
     warmup_s = None
     if warming:
         progress.describe("train (warm-up: compile + capture)")
@@ -572,7 +572,7 @@ def train(
         tokens=tokens_seen,
         resumed_from=resumed_from,
         losses=losses,
-        path=path.name,
+        path=plan.name,
         warmup_s=warmup_s,
     )
 
