@@ -326,14 +326,14 @@ def test_truncated_file(tiny_mixed: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
-    path = tmp_path / "q5.gguf"
+    path = tmp_path / "q2k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.ones((4, 64), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 84), np.uint8), raw_dtype=Q.Q2_K)  # 4 x 256 values
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' has unsupported type Q5_0"):
+    with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' has unsupported type Q2_K"):
         read_gguf(path)
 
 
