@@ -43,6 +43,7 @@ from .gguf_format import (  # noqa: F401
     dequantize_q8_0,
     read_gguf,
 )
+from .gguf_gemma3 import gemma3_config, gemma3_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers LlamaConfig dict from the GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' is supported")
+        raise ValueError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
     if "token_embd.weight" not in gf.tensors:
         raise ValueError(f"{gf.path}: missing tensor 'token_embd.weight'")
     hidden = int(_meta(gf, "llama.embedding_length"))
@@ -204,7 +205,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a Llama GGUF file into a transformers-format directory; returns the directory.
+    """Convert a Llama or Gemma-3 GGUF file into a transformers-format directory; returns the directory.
 
     Writes config.json, generation_config.json, model.safetensors (weights dequantized, then cast to
     `dtype`), tokenizer.json and tokenizer_config.json. Each file is written atomically.
@@ -214,9 +215,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     gf = read_gguf(gguf_path)
-    config = llama_config(gf)
+    gemma3 = gf.metadata.get("general.architecture") == "gemma3"
+    config = gemma3_config(gf) if gemma3 else llama_config(gf)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, path=gf.path)  # fail early on a bad vocab
-    state = load_state_dict(gf, config, dtype)
+    state = gemma3_state_dict(gf, config, dtype) if gemma3 else load_state_dict(gf, config, dtype)
     config["torch_dtype"] = _dtype_name(dtype)
 
     out = Path(out_dir)
