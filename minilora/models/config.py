@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from minilora.errors import ConfigError
 from minilora.models.families import FAMILY_DEFAULTS, family_fields
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -113,9 +114,9 @@ class ModelConfig:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
         if self.rotary_dim % 2 or self.rotary_dim == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"rotary dimension int(head_dim={self.head_dim} * partial_rotary_factor="
                 f"{self.partial_rotary_factor}) = {self.rotary_dim} must be even and positive"
             )
@@ -260,7 +261,7 @@ class ModelConfig:
                 **family,
             )
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+            raise type(e)(f"{source}: {e}") from e
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict[str, Any]:
@@ -352,7 +353,7 @@ def _read_rope(data: dict[str, Any], default_theta: float, source: str) -> tuple
         # Per layer type (Gemma-3): the global layers' entry is the model's RoPE; the sliding layers'
         # base is read by minilora.models.families (rope_local_theta).
         if set(params) - {"full_attention", "sliding_attention"}:
-            raise ValueError(f"{source}: per-layer-type rope_parameters with unknown layer types: {params!r}")
+            raise ConfigError(f"{source}: per-layer-type rope_parameters with unknown layer types: {params!r}")
         params = params.get("full_attention") or {}
     scaling = data.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
@@ -376,10 +377,11 @@ def _read_rope(data: dict[str, Any], default_theta: float, source: str) -> tuple
     if rope_type == "longrope":
         # Phi-3 keeps the pre-training context outside rope_scaling; that one wins (as in transformers).
         original = data.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")
-        merged["original_max_position_embeddings"] = int(original or data.get("max_position_embeddings"))
+        # transformers' Phi3Config default for both is 4096
+        merged["original_max_position_embeddings"] = int(original or data.get("max_position_embeddings") or 4096)
         for key in ("short_factor", "long_factor"):
             if not isinstance(merged.get(key), list):
-                raise ValueError(f"{source}: rope type 'longrope' needs a list {key!r}, got {merged.get(key)!r}")
+                raise ConfigError(f"{source}: rope type 'longrope' needs a list {key!r}, got {merged.get(key)!r}")
     if rope_type == "default":
         merged = {}
     return float(theta), rope_type, merged

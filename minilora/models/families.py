@@ -14,12 +14,14 @@ Every family runs the one decoder in minilora.models.llama; a family is a set of
 | Phi-3 / Phi-4 (phi3)    | fused qkv_proj and gate_up_proj; partial RoPE; longrope scaling; an optional  |
 |                         | sliding window on every layer                                                 |
 
-This module only maps keys to values; it imports nothing from the rest of minilora.
+This module only maps keys to values; of minilora it imports only the error type.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from minilora.errors import ConfigError
 
 __all__ = ["FAMILY_DEFAULTS", "family_fields"]
 
@@ -73,7 +75,7 @@ def _layer_types(data: dict[str, Any], n_layers: int, pattern: int, source: str)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise ValueError(f"{source}: layer_types holds unknown types {sorted(unknown)}")
+        raise ConfigError(f"{source}: layer_types holds unknown types {sorted(unknown)}")
     return list(types)
 
 
@@ -125,7 +127,7 @@ def family_fields(model_type: str, data: dict[str, Any], source: str) -> dict[st
             local = (params or {}).get("sliding_attention") if isinstance(params, dict) else None
             if isinstance(local, dict):
                 if local.get("rope_type", "default") != "default":
-                    raise ValueError(f"{source}: sliding_attention rope_type {local['rope_type']!r} is not supported")
+                    raise ConfigError(f"{source}: sliding_attention rope_type {local['rope_type']!r} is not supported")
                 theta = local.get("rope_theta")
             else:
                 theta = _get(data, model_type, "rope_local_base_freq")

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from minilora.errors import ConfigError
 from minilora.models.config import ModelConfig
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "rope_inv_freq"]
@@ -56,7 +57,7 @@ def rope_inv_freq(
     elif config.rope_type == "longrope":
         factors = s["long_factor"] if long else s["short_factor"]
         if len(factors) != dim // 2:
-            raise ValueError(
+            raise ConfigError(
                 f"longrope {'long' if long else 'short'}_factor has {len(factors)} values, need {dim // 2}"
             )
         ext = torch.tensor(factors, dtype=torch.float32, device=device)
