@@ -43,7 +43,6 @@ from .gguf_format import (  # noqa: F401
     dequantize_q8_0,
     read_gguf,
 )
-from .gguf_gemma3 import gemma3_config, gemma3_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +115,25 @@ def _f32_decimal(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+def rope_scaling_of(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
+    """`<arch>.rope.scaling.*` as a transformers rope_scaling dict (linear only), None without scaling."""
+    scaling_type = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        return {"type": "linear", "factor": _f32_decimal(_meta(gf, f"{arch}.rope.scaling.factor"))}
+    if scaling_type != "none":
+        raise ValueError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
+    return None
+
+
+def special_token_ids(gf: GGUFFile) -> dict[str, int | None]:
+    """bos/eos/pad token ids of the tokenizer metadata, as config.json keys (None where absent)."""
+    ids = {}
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
+        ids[key] = None if v is None else int(v)
+    return ids
+
+
 def llama_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers LlamaConfig dict from the GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = gf.metadata.get("general.architecture")
@@ -132,18 +150,9 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         raise ValueError(f"{gf.path}: llama.rope.dimension_count={rope_dim} != head_dim {head_dim} (partial RoPE)")
     vocab_size = gf.tensors["token_embd.weight"].shape[0]
     rope_theta = _f32_decimal(_meta(gf, "llama.rope.freq_base", 10000.0))
-    rope_scaling = None
-    scaling_type = gf.metadata.get("llama.rope.scaling.type", "none")
-    if scaling_type == "linear":
-        rope_scaling = {"type": "linear", "factor": _f32_decimal(_meta(gf, "llama.rope.scaling.factor"))}
-    elif scaling_type != "none":
-        raise ValueError(f"{gf.path}: llama.rope.scaling.type={scaling_type!r} is not supported")
+    rope_scaling = rope_scaling_of(gf, "llama")
     if "rope_freqs.weight" in gf.tensors:
         raise ValueError(f"{gf.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
-
-    def token_id(name: str) -> int | None:
-        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
-        return None if v is None else int(v)
 
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -163,9 +172,7 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in gf.tensors,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        **special_token_ids(gf),
     }
 
 
@@ -210,6 +217,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     Writes config.json, generation_config.json, model.safetensors (weights dequantized, then cast to
     `dtype`), tokenizer.json and tokenizer_config.json. Each file is written atomically.
     """
+    from minilora.io.gguf_gemma3 import gemma3_config, gemma3_state_dict
     from minilora.io.tokenizer import Tokenizer
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

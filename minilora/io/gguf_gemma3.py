@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minilora.io.gguf import _f32_decimal, _meta, rope_scaling_of, special_token_ids
+
 if TYPE_CHECKING:
     from minilora.io.gguf_format import GGUFFile
 
@@ -46,34 +48,14 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
 SLIDING_WINDOW_PATTERN = 6
 
 
-def _meta(gf: GGUFFile, key: str, default: Any = None) -> Any:
-    if key in gf.metadata:
-        return gf.metadata[key]
-    if default is None:
-        raise ValueError(f"{gf.path}: missing metadata key {key!r}")
-    return default
-
-
 def gemma3_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers Gemma3TextConfig dict from the ``gemma3.*`` metadata and the tensor shapes."""
-    from minilora.io.gguf import _f32_decimal
-
     if "token_embd.weight" not in gf.tensors:
         raise ValueError(f"{gf.path}: missing tensor 'token_embd.weight'")
     n_layers = int(_meta(gf, "gemma3.block_count"))
     hidden = int(_meta(gf, "gemma3.embedding_length"))
     n_heads = int(_meta(gf, "gemma3.attention.head_count"))
     head_dim = int(_meta(gf, "gemma3.attention.key_length", hidden // n_heads))
-    rope_scaling = None
-    scaling = gf.metadata.get("gemma3.rope.scaling.type", "none")
-    if scaling == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32_decimal(_meta(gf, "gemma3.rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ValueError(f"{gf.path}: gemma3.rope.scaling.type={scaling!r} is not supported")
-
-    def token_id(name: str) -> int | None:
-        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
-        return None if v is None else int(v)
 
     return {
         "architectures": ["Gemma3ForCausalLM"],
@@ -89,7 +71,7 @@ def gemma3_config(gf: GGUFFile) -> dict[str, Any]:
         "rms_norm_eps": _f32_decimal(_meta(gf, "gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": _f32_decimal(_meta(gf, "gemma3.rope.freq_base", 1_000_000.0)),
         "rope_local_base_freq": 10000.0,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": rope_scaling_of(gf, "gemma3"),
         "sliding_window": int(_meta(gf, "gemma3.attention.sliding_window")),
         "layer_types": [
             "sliding_attention" if (i + 1) % SLIDING_WINDOW_PATTERN else "full_attention" for i in range(n_layers)
@@ -100,9 +82,7 @@ def gemma3_config(gf: GGUFFile) -> dict[str, Any]:
         "vocab_size": gf.tensors["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in gf.tensors,
         "attention_bias": False,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        **special_token_ids(gf),
     }
 
 

@@ -151,9 +151,21 @@ def _tiny_vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
+def _add_tiny_tokenizer(w: gguf.GGUFWriter) -> None:
+    """The tiny byte-level BPE vocabulary as GGUF tokenizer metadata (bos 1, eos 2)."""
+    tokens, merges, token_types = _tiny_vocab()
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_array("tokenizer.ggml.token_type", token_types)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+
+
 def _write_tiny_gguf(path: Path, types: dict[str, str] | None, tied: bool, seed: int = 0, arch: str = "llama"):
     """A random tiny HF Llama written as GGUF the way llama.cpp would; returns the HF model."""
-    tokens, merges, token_types = _tiny_vocab()
+    tokens, _, _ = _tiny_vocab()
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokens),
         hidden_size=_TINY["hidden"],
@@ -187,13 +199,7 @@ def _write_tiny_gguf(path: Path, types: dict[str, str] | None, tied: bool, seed:
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_uint32(f"{arch}.rope.dimension_count", _TINY["hidden"] // _TINY["heads"])
     w.add_uint32(f"{arch}.vocab_size", len(tokens))
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "smollm")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.merges", merges)
-    w.add_array("tokenizer.ggml.token_type", token_types)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    _add_tiny_tokenizer(w)
     w.add_uint32("tokenizer.ggml.padding_token_id", 0)
     w.add_bool("tokenizer.ggml.add_bos_token", False)
 

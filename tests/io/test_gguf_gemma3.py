@@ -22,7 +22,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from test_gguf import _tiny_vocab  # noqa: E402
+from test_gguf import _add_tiny_tokenizer, _tiny_vocab  # noqa: E402
 from test_gguf_kquants import random_blocks  # noqa: E402
 
 from minilora.io.gguf import convert_gguf  # noqa: E402
@@ -37,7 +37,7 @@ HIDDEN, LAYERS, HEADS, HEAD_DIM = 256, 6, 2, 256  # head_dim = query_pre_attn_sc
 
 
 def write_tiny_gemma3_gguf(path: Path) -> None:
-    tokens, merges, token_types = _tiny_vocab()
+    tokens, _, _ = _tiny_vocab()
     config = transformers.Gemma3TextConfig(
         vocab_size=len(tokens),
         hidden_size=HIDDEN,
@@ -72,13 +72,7 @@ def write_tiny_gemma3_gguf(path: Path) -> None:
         w.add_uint32(f"gemma3.{key}", value)
     w.add_float32("gemma3.rope.freq_base", 1_000_000.0)
     w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "smollm")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.merges", merges)
-    w.add_array("tokenizer.ggml.token_type", token_types)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    _add_tiny_tokenizer(w)
 
     def put(name: str, t: torch.Tensor, kind: str) -> None:
         arr = t.detach().float().numpy()

