@@ -249,6 +249,13 @@ class LlamaForCausalLM(nn.Module):
         else run on from ``cache.length``.
         """
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        return self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V): lm_head, then Gemma-2's final soft-cap if configured.
+
+        Callers that run ``model.model`` themselves (to send only some positions to the head) use this.
+        """
         logits = self.lm_head(hidden)
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)

@@ -160,7 +160,8 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         mask = None  # no padding: let attention take its causal fast path
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)  # (B, T, C)
-        logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)
+        rows = hidden[:, :-1][keep]  # (N, C)
+        logits = model.head(rows) if hasattr(model, "head") else model.lm_head(rows)  # (N, V); head: + soft-cap
     else:
         logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)[:, :-1][keep]
     loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
@@ -223,10 +224,12 @@ def accumulated_causal_lm_loss(
             pos = None if positions is None else positions[i]
             hidden = model.model(ids[i], attention_mask=mask[i], position_ids=pos)[:, :-1]  # (B, T-1, C)
             target = labels[i][:, 1:]  # (B, T-1)
-            if type(model.lm_head) is nn.Linear:  # a plain head: never all the logits at once
+            capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None
+            if type(model.lm_head) is nn.Linear and not capped:  # a plain head: never all the logits at once
                 loss_sum = chunked_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows=256, reduction="sum")
-            else:  # an adapted head: through the module
-                logits = model.lm_head(hidden).float()  # (B, T-1, V)
+            else:  # an adapted or soft-capped head: through the module
+                head = model.head if hasattr(model, "head") else model.lm_head
+                logits = head(hidden).float()  # (B, T-1, V)
                 loss_sum = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
         (loss_sum / count).backward()
         total = total + loss_sum.detach()

@@ -177,3 +177,26 @@ def test_peft_adapters_load_both_ways(pair, tmp_path):
 
 def tiny_family_model_from(path) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+
+# ---------------------------------------------------------------------------------------------- head users
+def test_loss_and_generation_paths_keep_the_final_soft_cap(tmp_path):
+    """The training loss and minilora.generate run model.model and the head themselves: the cap stays on."""
+    from minilora.generate import SamplingConfig, generate
+    from minilora.train.data import Batch
+    from minilora.train.loop import accumulated_causal_lm_loss, causal_lm_loss
+
+    hf = tiny_family_model("gemma2")
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    labels = IDS.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        logits = hf(IDS).logits[:, :-1]  # soft-capped by transformers
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        loss_sum, n = causal_lm_loss(ours, Batch(IDS, labels, torch.ones_like(IDS)))
+    torch.testing.assert_close(loss_sum, expected, atol=1e-4, rtol=1e-6)
+    step = accumulated_causal_lm_loss(ours, IDS[None], labels[None], torch.ones_like(IDS)[None])
+    torch.testing.assert_close(step.detach(), expected / n, atol=1e-5, rtol=1e-6)
+    want = hf.generate(IDS[:1], max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 13:]
+    assert generate(ours, IDS[0], SamplingConfig(max_new_tokens=32)) == want.tolist()
