@@ -189,13 +189,17 @@ def load_state_dict(
         elif key.endswith("self_attn.k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
         state[key] = w.to(dtype).contiguous()
-    n_layers = config["num_hidden_layers"]
+    check_complete(gf, state, config["num_hidden_layers"], _BLOCK_NAMES.values())
+    return state
+
+
+def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, block_names: Any) -> None:
+    """A ValueError naming the file and the first missing tensors unless every layer's tensors are there."""
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in _BLOCK_NAMES.values()}
+    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in block_names}
     missing = sorted(expected - state.keys())
     if missing:
         raise ValueError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minilora.io.gguf import _f32_decimal, _meta, rope_scaling_of, special_token_ids
+from minilora.io.gguf import _f32_decimal, _meta, check_complete, rope_scaling_of, special_token_ids
 
 if TYPE_CHECKING:
     from minilora.io.gguf_format import GGUFFile
@@ -107,10 +107,5 @@ def gemma3_state_dict(gf: GGUFFile, config: dict[str, Any], dtype: torch.dtype) 
         if key.endswith("norm.weight"):
             w = w - 1.0  # stored as 1 + w (see the module docstring)
         state[key] = w.to(dtype).contiguous()
-    n = config["num_hidden_layers"]
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n) for m in GEMMA3_BLOCK_NAMES.values()}
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise ValueError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    check_complete(gf, state, config["num_hidden_layers"], GEMMA3_BLOCK_NAMES.values())
     return state
