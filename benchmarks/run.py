@@ -6,7 +6,9 @@ CPU suites (each writes benchmarks/results/<suite>-cpu.md and .json, plus PNG fi
 - speed:   4-bit linear forward+backward; a QLoRA training step on SmolLM2 vs transformers+bnb+peft
 - loading: load + quantize to NF4 a >1 GB checkpoint: time and peak RSS vs transformers+bnb
 - generate: greedy generation on SmolLM2-135M, fp32 and NF4+DQ, vs transformers (+ bitsandbytes)
-`all` runs the five one after the other. `--smoke` runs tiny shapes in seconds and writes to a
+- tokenizers: tokens per product description / price / demo example for each family's tokenizer here,
+  and what they cost in training (logits memory, a QLoRA step at that length)
+`all` runs the six one after the other. `--smoke` runs tiny shapes in seconds and writes to a
 temporary directory unless --out is given (it never writes into benchmarks/results/).
 
 `--device cuda` runs the same suites on a CUDA GPU and writes `<suite>-<gpu>.md/.json` (e.g. quality-h200.md):
@@ -23,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUITES = ("quant", "quality", "speed", "loading", "generate")
+SUITES = ("quant", "quality", "speed", "loading", "generate", "tokenizers")
 DEVICES = ("cpu", "cuda")
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -55,7 +55,7 @@ class GraphDecoder:
 
     def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model.model(ids, attention_mask=attention_mask, cache=self.cache)  # (B, T, C)
-        return self.model.lm_head(hidden[:, -1]).float()  # (B, V)
+        return self.model.head(hidden[:, -1]).float()  # (B, V), final soft-cap included
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

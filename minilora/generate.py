@@ -60,7 +60,8 @@ def _last_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
     """Logits (B, V) of the last position, filling the cache; only that position meets the output head."""
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = model.model(ids, attention_mask=mask, cache=cache)  # (B, T, C)
-        return model.lm_head(hidden[:, -1]).float()
+        last = hidden[:, -1]  # (B, C)
+        return (model.head(last) if hasattr(model, "head") else model.lm_head(last)).float()  # head: + soft-cap
     return model(ids, attention_mask=mask, cache=cache)[:, -1].float()
 
 

@@ -35,7 +35,7 @@ from minilora.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 QUANTIZE_CHOICES = (None, "nf4", "fp4", "int8")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # old checkpoints stored the RoPE frequencies
 
@@ -103,7 +103,7 @@ def from_pretrained(
                     setattr(module, p, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
 
     model.tie_weights()
-    model.model.rotary_emb.reset_inv_freq(device)
+    model.reset_rope(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors left on the meta device after loading: {leftover}"
     return model.eval()

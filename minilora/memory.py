@@ -4,7 +4,7 @@ No weight is read or allocated: the decoder is built on the meta device (every m
 no memory does) and its parameters are counted. The bytes then follow from the storage formats
 (formats.md sections 1-4):
 
-    precision   decoder Linears (q,k,v,o,gate,up,down)         everything else
+    precision   decoder Linears (q,k,v,o,gate,up,down; Phi-3's qkv, gate_up)   everything else
     fp32        4 B/param                                      4 B/param
     bf16        2 B/param                                      2 B/param
     int8        1 B/param + SCB (float32 per output row)       2 B/param
@@ -40,7 +40,17 @@ from torch import nn
 
 from minilora.models.config import ModelConfig
 
-QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_LINEARS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "buffers", "lora")
 NF4_CODE_BYTES = 16 * 4  # quant_map: 16 float32
 NESTED_CODE_BYTES = 256 * 4  # nested_quant_map: the 8-bit dynamic code, 256 float32
@@ -165,6 +175,14 @@ def _fourbit_state_bytes(n: int, blocksize: int, double_quant: bool) -> int:
     return n_blocks + n_nested * 4 + NF4_CODE_BYTES + NESTED_CODE_BYTES + OFFSET_BYTES
 
 
+def _transformers_buffer_bytes(config: ModelConfig, float_bytes: int) -> int:
+    """The buffers of the transformers model: per RoPE table, inv_freq and original_inv_freq (float32,
+    rotary_dim / 2 each; Gemma-3 has a global and a local table); Gemma's scalar embed_scale in the float dtype.
+    """
+    tables = 2 if config.rope_local_theta is not None else 1
+    return tables * 2 * (config.rotary_dim // 2) * 4 + (float_bytes if config.scale_embeddings else 0)
+
+
 def footprint(
     path_or_config: str | os.PathLike | ModelConfig | dict,
     lora_rank: int = 32,
@@ -200,8 +218,6 @@ def footprint(
                 float_params[group] += tensor.numel()
         if isinstance(module, nn.Linear) and last in lora_targets:
             lora_params += lora_rank * (module.in_features + module.out_features)
-    # transformers' LlamaRotaryEmbedding keeps inv_freq and original_inv_freq, float32 [head_dim // 2] each
-    buffer_bytes = 2 * (config.head_dim // 2) * 4
 
     lines: list[FootprintLine] = []
     for name, (float_bytes, quant) in _PRECISIONS.items():
@@ -217,7 +233,7 @@ def footprint(
             else:
                 counted[group] += (n + 1) // 2  # packed: two codes per byte
                 true[group] += (n + 1) // 2 + _fourbit_state_bytes(n, blocksize, quant == "nf4+dq")
-        counted["buffers"] = true["buffers"] = buffer_bytes
+        counted["buffers"] = true["buffers"] = _transformers_buffer_bytes(config, float_bytes)
         lines.append(_line(name, _DESCRIPTIONS[name], counted, true))
     if lora_params:
         base = lines[-1]

@@ -44,6 +44,10 @@ EXPECTED = {
         "columns": ["minilora ms", "transformers ms", "minilora tokens/s", "same ids from the start"],
         "keys": ["generate", "shared_prefix", "first_token_s", "new_ids"],
     },
+    "tokenizers": {
+        "columns": ["tokens / description", "tokens in $1,234.00", "fp32 logits MB", "examples/s"],
+        "keys": ["tokenizers", "description_tokens", "prices", "qlora_step", "logits_fp32_bytes_per_batch"],
+    },
 }
 
 

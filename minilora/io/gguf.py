@@ -115,11 +115,30 @@ def _f32_decimal(x: float) -> float:
     return float(str(np.float32(x)))
 
 
+def rope_scaling_of(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
+    """`<arch>.rope.scaling.*` as a transformers rope_scaling dict (linear only), None without scaling."""
+    scaling_type = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        return {"type": "linear", "factor": _f32_decimal(_meta(gf, f"{arch}.rope.scaling.factor"))}
+    if scaling_type != "none":
+        raise ValueError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
+    return None
+
+
+def special_token_ids(gf: GGUFFile) -> dict[str, int | None]:
+    """bos/eos/pad token ids of the tokenizer metadata, as config.json keys (None where absent)."""
+    ids = {}
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
+        ids[key] = None if v is None else int(v)
+    return ids
+
+
 def llama_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers LlamaConfig dict from the GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' is supported")
+        raise ValueError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
     if "token_embd.weight" not in gf.tensors:
         raise ValueError(f"{gf.path}: missing tensor 'token_embd.weight'")
     hidden = int(_meta(gf, "llama.embedding_length"))
@@ -131,18 +150,9 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         raise ValueError(f"{gf.path}: llama.rope.dimension_count={rope_dim} != head_dim {head_dim} (partial RoPE)")
     vocab_size = gf.tensors["token_embd.weight"].shape[0]
     rope_theta = _f32_decimal(_meta(gf, "llama.rope.freq_base", 10000.0))
-    rope_scaling = None
-    scaling_type = gf.metadata.get("llama.rope.scaling.type", "none")
-    if scaling_type == "linear":
-        rope_scaling = {"type": "linear", "factor": _f32_decimal(_meta(gf, "llama.rope.scaling.factor"))}
-    elif scaling_type != "none":
-        raise ValueError(f"{gf.path}: llama.rope.scaling.type={scaling_type!r} is not supported")
+    rope_scaling = rope_scaling_of(gf, "llama")
     if "rope_freqs.weight" in gf.tensors:
         raise ValueError(f"{gf.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
-
-    def token_id(name: str) -> int | None:
-        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
-        return None if v is None else int(v)
 
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -162,9 +172,7 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in gf.tensors,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
+        **special_token_ids(gf),
     }
 
 
@@ -181,13 +189,17 @@ def load_state_dict(
         elif key.endswith("self_attn.k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
         state[key] = w.to(dtype).contiguous()
-    n_layers = config["num_hidden_layers"]
+    check_complete(gf, state, config["num_hidden_layers"], _BLOCK_NAMES.values())
+    return state
+
+
+def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, block_names: Any) -> None:
+    """A ValueError naming the file and the first missing tensors unless every layer's tensors are there."""
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in _BLOCK_NAMES.values()}
+    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in block_names}
     missing = sorted(expected - state.keys())
     if missing:
         raise ValueError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,19 +216,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a Llama GGUF file into a transformers-format directory; returns the directory.
+    """Convert a Llama or Gemma-3 GGUF file into a transformers-format directory; returns the directory.
 
     Writes config.json, generation_config.json, model.safetensors (weights dequantized, then cast to
     `dtype`), tokenizer.json and tokenizer_config.json. Each file is written atomically.
     """
+    from minilora.io.gguf_gemma3 import gemma3_config, gemma3_state_dict
     from minilora.io.tokenizer import Tokenizer
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     gf = read_gguf(gguf_path)
-    config = llama_config(gf)
+    gemma3 = gf.metadata.get("general.architecture") == "gemma3"
+    config = gemma3_config(gf) if gemma3 else llama_config(gf)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, path=gf.path)  # fail early on a bad vocab
-    state = load_state_dict(gf, config, dtype)
+    state = gemma3_state_dict(gf, config, dtype) if gemma3 else load_state_dict(gf, config, dtype)
     config["torch_dtype"] = _dtype_name(dtype)
 
     out = Path(out_dir)

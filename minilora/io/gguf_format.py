@@ -1,4 +1,5 @@
-"""The GGUF file format: reading a llama.cpp model file and dequantizing its Q8_0 / Q4_0 / Q4_1 tensors.
+"""The GGUF file format: reading a llama.cpp model file and dequantizing its Q8_0 / Q4_0 / Q4_1 tensors
+(Q5_0 / Q5_1 and the k-quants Q4_K / Q5_K / Q6_K: minilora.io.gguf_kquants).
 
 GGUF (llama.cpp's single-file format, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is
 
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minilora.io import gguf_kquants
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -60,14 +63,19 @@ GGML_TYPES: dict[int, GGMLType] = {
         GGMLType("F16", 1, 1, 2),
         GGMLType("Q4_0", 2, 32, 18),
         GGMLType("Q4_1", 3, 32, 20),
+        GGMLType("Q5_0", 6, 32, 22),
+        GGMLType("Q5_1", 7, 32, 24),
         GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q4_K", 12, 256, 144),
+        GGMLType("Q5_K", 13, 256, 176),
+        GGMLType("Q6_K", 14, 256, 210),
         GGMLType("BF16", 30, 1, 2),
     )
 }
 # Names of types we recognise but cannot dequantize, for a helpful error message.
 _OTHER_GGML_TYPES = {
-    6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S",
     22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }  # fmt: skip
@@ -108,7 +116,16 @@ def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return q * d + m
 
 
-_DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+_DEQUANTIZERS = {
+    "Q8_0": dequantize_q8_0,
+    "Q4_0": dequantize_q4_0,
+    "Q4_1": dequantize_q4_1,
+    "Q5_0": gguf_kquants.dequantize_q5_0,
+    "Q5_1": gguf_kquants.dequantize_q5_1,
+    "Q4_K": gguf_kquants.dequantize_q4_k,
+    "Q5_K": gguf_kquants.dequantize_q5_k,
+    "Q6_K": gguf_kquants.dequantize_q6_k,
+}
 
 
 def dequantize(raw: np.ndarray | torch.Tensor, ggml_type: GGMLType, shape: tuple[int, ...]) -> torch.Tensor:

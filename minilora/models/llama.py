@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2), in plain PyTorch.
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/3, Gemma-2/3, Phi-3), in plain PyTorch.
 
 One pre-norm transformer block, repeated ``num_hidden_layers`` times (Touvron et al. 2023, section 2.2):
 
@@ -7,7 +7,9 @@ One pre-norm transformer block, repeated ``num_hidden_layers`` times (Touvron et
 
 with RMSNorm (Zhang & Sennrich 2019), rotary position embeddings in the "rotate half" layout (Su et al.
 2021), grouped-query attention (Ainslie et al. 2023: ``num_key_value_heads`` k/v heads shared by groups of
-query heads) and, for Mistral, a sliding attention window.
+query heads) and, for Mistral, a sliding attention window. What the other families change (fused
+projections, q/k norms, Gemma's norms, soft-caps and GeGLU, partial RoPE) are switches on the config,
+read by minilora.models.families; RoPE itself lives in minilora.models.rope.
 
 Module names are exactly transformers' (``model.layers.0.self_attn.q_proj`` ...), so a transformers
 checkpoint loads with an identity key map. Every projection is a plain ``nn.Linear`` called as a module,
@@ -26,15 +28,23 @@ shape (B, cache.length + T), as in transformers' ``generate``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minilora.models.config import ModelConfig
+from minilora.models.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    build_attention_mask,
+    make_norm,
+    position_ids_from_mask,
+    softcap,
+)
+from minilora.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
 
 __all__ = [
     "KVCache",
@@ -49,121 +59,6 @@ __all__ = [
     "position_ids_from_mask",
     "rope_inv_freq",
 ]
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in float32 and cast back (as transformers does)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-# ---------------------------------------------------------------------------------------------- RoPE
-def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """The rotary inverse frequencies theta^(-2i/d), i < d/2, with the config's scaling applied.
-
-    - ``default``: theta^(-2i/d).
-    - ``linear`` (Position Interpolation): every frequency divided by ``factor``.
-    - ``llama3``: long wavelengths (> original_context / low_freq_factor) divided by ``factor``, short
-      ones (< original_context / high_freq_factor) kept, the band between interpolated smoothly.
-    """
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    s = config.rope_scaling
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / s["factor"]
-    elif config.rope_type == "llama3":
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_context = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)  # 0 at the low edge, 1 at the high edge
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given position ids, computed in float32 and cast to the activations' dtype."""
-
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config, device), persistent=False)
-
-    def reset_inv_freq(self, device: torch.device | str | None = None) -> None:
-        """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
-        self.inv_freq = rope_inv_freq(self.config, device)
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): the "rotate half" layout pairs i with i + hd/2
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, hd) by the position angles: x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, heads, T, hd)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
-# ---------------------------------------------------------------------------------------------- masks
-def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions that skip padding: the number of real tokens before each one (0 at padding).
-
-    ``attention_mask`` (B, S) with 1 for tokens, 0 for padding (left or right); returns the last ``length``
-    columns, (B, length). This is what transformers' ``generate`` uses for left-padded batches.
-    """
-    mask = attention_mask.long()
-    pos = mask.cumsum(-1) - 1  # (B, S)
-    pos = pos.masked_fill(mask == 0, 0)
-    return pos[:, -length:]
-
-
-def build_attention_mask(
-    q_len: int,
-    past_len: int,
-    attention_mask: torch.Tensor | None,
-    sliding_window: int | None,
-    device: torch.device,
-    document_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, q_len, past_len + q_len) for SDPA: True where a query may attend.
-
-    Query i (absolute index past_len + i) sees key j when j <= i (causal), j is not padding, i - j <
-    sliding_window when a window is set, and j belongs to the same example as i when ``document_ids``
-    (B, q_len) says which example each position of a packed row holds (no cache then): packed examples
-    never see each other, a block-diagonal causal mask. A query that would see nothing (a left-padding
-    position) is allowed to see every key instead: its output is garbage either way, but it stays finite,
-    so no NaN reaches the real tokens through later layers.
-    """
-    kv_len = past_len + q_len
-    q_idx = torch.arange(past_len, kv_len, device=device)[:, None]  # (T, 1)
-    k_idx = torch.arange(kv_len, device=device)[None, :]  # (1, S)
-    allowed = k_idx <= q_idx  # (T, S)
-    if sliding_window is not None:
-        allowed = allowed & (k_idx > q_idx - sliding_window)
-    allowed = allowed[None]  # (1, T, S)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, :].bool()  # (B, T, S)
-    if document_ids is not None:
-        assert past_len == 0, "document_ids describe packed rows, which are never decoded with a cache"
-        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])  # (B, T, T)
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    return allowed[:, None]  # (B, 1, T, S)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -270,71 +165,25 @@ class StaticKVCache:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
-class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, through F.scaled_dot_product_attention."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.sliding_window = config.layer_sliding_windows[layer_idx]
-        hidden, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, hidden, bias=config.o_proj_bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | StaticKVCache | None = None,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        # Each k/v head serves n_heads // n_kv_heads query heads (GQA). SDPA's fused kernels take an explicit
-        # mask only with as many k/v heads as query heads (else it falls back to the quadratic-memory math
-        # kernel), so with a mask the k/v heads are repeated here.
-        if mask is not None and self.n_kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
-        return self.o_proj(y)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    Gemma's "sandwich" (``sandwich_norm``) also normalises each branch's output before the residual add:
+    x + post_attention_layernorm(attn(input_layernorm(x))), then
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))). (In Llama,
+    ``post_attention_layernorm`` is the norm before the MLP.)
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        self.sandwich_norm = config.sandwich_norm
+        if self.sandwich_norm:
+            self.pre_feedforward_layernorm = make_norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = make_norm(config, config.hidden_size)
 
     def forward(
         self,
@@ -344,6 +193,9 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        if self.sandwich_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -356,8 +208,10 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
+        if config.rope_local_theta is not None:
+            self.rotary_emb_local = RotaryEmbedding(config, local=True)  # Gemma-3's sliding layers
         self.gradient_checkpointing = False
         # How a checkpointed layer runs: fn(layer, *inputs) -> output. None: torch.utils.checkpoint
         # (non-reentrant). minilora.train.cuda_graph puts a CUDA-graph-safe one here.
@@ -374,7 +228,7 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         if isinstance(cache, StaticKVCache):  # fixed shapes: the cache gives positions and masks
             position_ids, masks = cache.begin(T, attention_mask, set(self.config.layer_sliding_windows))
-            return self._layers(self.embed_tokens(input_ids), position_ids, masks, cache)
+            return self._layers(self._embed(input_ids), position_ids, masks, cache)
         past_len = 0 if cache is None else cache.length
         if attention_mask is not None and attention_mask.shape != (B, past_len + T):
             raise ValueError(
@@ -389,7 +243,7 @@ class LlamaModel(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids[None]  # (1, T)
 
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = self._embed(input_ids)  # (B, T, C)
         # One mask per distinct window. Without padding, cache or window, SDPA's is_causal does it.
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.config.layer_sliding_windows):
@@ -398,6 +252,12 @@ class LlamaModel(nn.Module):
             else:
                 masks[window] = build_attention_mask(T, past_len, attention_mask, window, x.device, document_ids)
         return self._layers(x, position_ids, masks, cache)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if self.config.scale_embeddings:  # Gemma: sqrt(C), rounded to the compute dtype first
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        return x
 
     def _layers(
         self,
@@ -408,9 +268,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """The decoder layers and the final norm over embeddings x (B, T, C)."""
         T = x.shape[1]
-        cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B|1, T, hd)
+        rope = {False: self.rotary_emb(position_ids, x.dtype)}  # cos, sin: (B|1, T, rd)
+        if hasattr(self, "rotary_emb_local"):
+            rope[True] = self.rotary_emb_local(position_ids, x.dtype)
         for layer in self.layers:
             mask = masks[layer.self_attn.sliding_window]
+            cos, sin = rope[layer.self_attn.local_rope]
             if self.gradient_checkpointing and self.training and cache is None:
                 if self.checkpoint_fn is None:
                     x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -426,7 +289,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder plus the output head: ``model(input_ids) -> logits (B, T, vocab_size)``.
 
-    Serves every supported family (llama, mistral, qwen2); ``config`` says which. With
+    Serves every supported family (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3); ``config``
+    says which. With
     ``tie_word_embeddings`` the head shares the embedding matrix.
     """
 
@@ -468,7 +332,23 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, document_ids=document_ids
         )
-        return self.lm_head(hidden)
+        return self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V): lm_head, then Gemma-2's final soft-cap if configured.
+
+        Callers that run ``model.model`` themselves (to send only some positions to the head) use this.
+        """
+        logits = self.lm_head(hidden)
+        if self.config.final_logit_softcapping is not None:
+            logits = softcap(logits, self.config.final_logit_softcapping)
+        return logits
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute every RoPE table's frequencies (after building on the meta device)."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_inv_freq(device)
 
 
 @torch.no_grad()

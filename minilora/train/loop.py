@@ -176,13 +176,16 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = model.model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)  # (B, T, C)
         head = model.lm_head
-        if type(head) is nn.Linear and head.bias is None and n * head.out_features > CHUNKED_LOGITS:
+        capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None
+        plain = type(head) is nn.Linear and head.bias is None and not capped
+        if plain and n * head.out_features > CHUNKED_LOGITS:
             # long sequences: never all N x V float32 logits at once (1 GB per 2,048 tokens of a Llama-3 head)
             from minilora.kernels.loss import chunked_cross_entropy
 
             loss_sum = chunked_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep], 1024, reduction="sum")
             return loss_sum, n
-        logits = head(hidden[:, :-1][keep])  # (N, V)
+        rows = hidden[:, :-1][keep]  # (N, C)
+        logits = model.head(rows) if hasattr(model, "head") else head(rows)  # (N, V); head: + soft-cap
     else:
         logits = model(batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, **kw)[:, :-1][keep]
     loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
@@ -246,10 +249,12 @@ def accumulated_causal_lm_loss(
             doc = None if pos is None else document_ids(pos)  # packed rows: attention within each example
             hidden = model.model(ids[i], attention_mask=mask[i], position_ids=pos, document_ids=doc)[:, :-1]
             target = labels[i][:, 1:]  # (B, T-1)
-            if type(model.lm_head) is nn.Linear:  # a plain head: never all the logits at once
+            capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None
+            if type(model.lm_head) is nn.Linear and not capped:  # a plain head: never all the logits at once
                 loss_sum = chunked_cross_entropy(hidden, model.lm_head.weight, target, chunk_rows=256, reduction="sum")
-            else:  # an adapted head: through the module
-                logits = model.lm_head(hidden).float()  # (B, T-1, V)
+            else:  # an adapted or soft-capped head: through the module
+                head = model.head if hasattr(model, "head") else model.lm_head
+                logits = head(hidden).float()  # (B, T-1, V)
                 loss_sum = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
         (loss_sum / count).backward()
         total = total + loss_sum.detach()

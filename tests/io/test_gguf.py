@@ -151,9 +151,21 @@ def _tiny_vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
+def _add_tiny_tokenizer(w: gguf.GGUFWriter) -> None:
+    """The tiny byte-level BPE vocabulary as GGUF tokenizer metadata (bos 1, eos 2)."""
+    tokens, merges, token_types = _tiny_vocab()
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_array("tokenizer.ggml.token_type", token_types)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+
+
 def _write_tiny_gguf(path: Path, types: dict[str, str] | None, tied: bool, seed: int = 0, arch: str = "llama"):
     """A random tiny HF Llama written as GGUF the way llama.cpp would; returns the HF model."""
-    tokens, merges, token_types = _tiny_vocab()
+    tokens, _, _ = _tiny_vocab()
     cfg = transformers.LlamaConfig(
         vocab_size=len(tokens),
         hidden_size=_TINY["hidden"],
@@ -187,13 +199,7 @@ def _write_tiny_gguf(path: Path, types: dict[str, str] | None, tied: bool, seed:
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_uint32(f"{arch}.rope.dimension_count", _TINY["hidden"] // _TINY["heads"])
     w.add_uint32(f"{arch}.vocab_size", len(tokens))
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "smollm")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.merges", merges)
-    w.add_array("tokenizer.ggml.token_type", token_types)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    _add_tiny_tokenizer(w)
     w.add_uint32("tokenizer.ggml.padding_token_id", 0)
     w.add_bool("tokenizer.ggml.add_bos_token", False)
 
@@ -326,14 +332,14 @@ def test_truncated_file(tiny_mixed: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
-    path = tmp_path / "q5.gguf"
+    path = tmp_path / "q2k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.ones((4, 64), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 84), np.uint8), raw_dtype=Q.Q2_K)  # 4 x 256 values
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' has unsupported type Q5_0"):
+    with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' has unsupported type Q2_K"):
         read_gguf(path)
 
 
