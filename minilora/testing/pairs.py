@@ -16,7 +16,6 @@ import torch
 from minilora.quant import dequantize_4bit, get_code, quantize_4bit
 from minilora.testing.checks import BlockFormat, QuantizerPair, max_half_gap
 
-
 # Double quantization stores each absmax with an error of at most nested_absmax x DQ_SCALE_ERROR: the
 # largest half-gap of the 8-bit dynamic code, plus half a step of the 65536-point grid that bitsandbytes'
 # CPU kernel rounds through, plus float slack.

@@ -65,7 +65,9 @@ def find_counterexample(
     return the example hypothesis shrank it to (the last one it replays) with its failure, else None."""
     seen: list[Any] = []
 
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True, suppress_health_check=_SUPPRESS)
+    @settings(
+        max_examples=max_examples, deadline=None, database=None, derandomize=True, suppress_health_check=_SUPPRESS
+    )
     @given(strategy)
     def run(example: Any) -> None:
         seen.append(example)
@@ -91,6 +93,7 @@ def verify_quantizer(
 ) -> None:
     """Every check of minilora.testing on hypothesis' tensors at every blocksize; raises QuantCheckFailure
     (its message ending with the shrunk input) when one fails."""
+    __tracebackhide__ = True  # pytest: show the failure, not this frame
 
     def check(case: tuple[int, torch.Tensor]) -> None:
         blocksize, x = case

@@ -13,7 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora.quant import dequantize_4bit, dequantize_absmax, pack_4bit, quantize_4bit, quantize_4bit_codes, unpack_4bit
+from minilora.quant import (
+    dequantize_4bit,
+    dequantize_absmax,
+    pack_4bit,
+    quantize_4bit,
+    quantize_4bit_codes,
+    unpack_4bit,
+)
 from minilora.testing import (
     DQ_SCALE_ERROR,
     bitsandbytes_pair,

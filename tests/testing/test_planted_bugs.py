@@ -39,7 +39,9 @@ def broken_quantize(x: torch.Tensor, blocksize: int, bug: str) -> tuple[torch.Te
         q = torch.cat([q, torch.full((1,), 7, dtype=torch.uint8)])  # pad with the code of 0.0
     high, low = (q[1::2], q[0::2]) if bug == "nibble_order" else (q[0::2], q[1::2])
     packed = ((high << 4) | low).unsqueeze(1)
-    state = QuantState(absmax=absmax, shape=x.shape, code=code.clone(), blocksize=blocksize, quant_type="nf4", dtype=x.dtype)
+    state = QuantState(
+        absmax=absmax, shape=x.shape, code=code.clone(), blocksize=blocksize, quant_type="nf4", dtype=x.dtype
+    )
     return packed, state
 
 
@@ -85,5 +87,7 @@ def test_each_planted_bug_is_caught_with_a_shrunk_counterexample(bug):
 
 
 def test_minilora_passes_where_the_planted_bugs_fail():
-    found = find_counterexample(lambda case: check_all(minilora_pair("nf4", case[0]), case[1]), cases(), max_examples=200)
+    found = find_counterexample(
+        lambda case: check_all(minilora_pair("nf4", case[0]), case[1]), cases(), max_examples=200
+    )
     assert found is None, str(found)
