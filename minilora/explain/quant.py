@@ -105,7 +105,8 @@ def block_text(w: BlockWalkthrough) -> str:
     out = [
         f"# One block of {w.key} through {w.quant_type.upper()}",
         "",
-        f"block {w.block}: elements {w.start}..{w.start + w.blocksize - 1} (flattened row-major), blocksize {w.blocksize}",
+        f"block {w.block}: elements {w.start}..{w.start + w.blocksize - 1} (flattened row-major), "
+        f"blocksize {w.blocksize}",
         f"1. absmax = max |w| = {w.absmax:.8g}   (stored as float32, or with double quant as below)",
         "2. normalised = w / absmax, in [-1, 1]",
         f"3. index = the nearest of the 16 {w.quant_type.upper()} levels (ties to the lower index)",
@@ -229,9 +230,7 @@ def layer_text(layer: LayerQuant) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for f in layer.formats.values():
-        out.append(
-            f"| {f.name} | {f.levels.numel()} | {f.rel_error:.4f} | {f.rms_error:.3e} | {f.max_error:.3e} |"
-        )
+        out.append(f"| {f.name} | {f.levels.numel()} | {f.rel_error:.4f} | {f.rms_error:.3e} | {f.max_error:.3e} |")
     out += [
         "",
         f"bytes per parameter (NF4): {layer.bits_per_param(False) / 8:.4f} B = {layer.bits_per_param(False):.3f} bits "
@@ -254,13 +253,15 @@ def plot_layer(layer: LayerQuant, directory: str) -> list[str]:
         for level in layer.formats[name].levels.tolist():
             ax.axvline(level, color="tab:red", linewidth=0.8)
         ax.set_title(f"{layer.key}: w / absmax vs {name} levels")
-        ax.set_xlabel("w / absmax (blocksize %d)" % layer.blocksize)
+        ax.set_xlabel(f"w / absmax (blocksize {layer.blocksize})")
     paths = [save(fig, directory, "quant_histogram.png")]
     fig, axes = new_figure(1, 1, (7, 4))
     ax = axes[0]
     scale = max(f.max_error for f in layer.formats.values())
     for f in layer.formats.values():
-        ax.hist(f.error.numpy(), bins=200, range=(-scale, scale), histtype="step", label=f"{f.name} ({f.rel_error:.3f})")
+        ax.hist(
+            f.error.numpy(), bins=200, range=(-scale, scale), histtype="step", label=f"{f.name} ({f.rel_error:.3f})"
+        )
     ax.set_yscale("log")
     ax.set_xlabel("dequantized - w")
     ax.set_title(f"{layer.key}: round-trip error per format (relative error)")
