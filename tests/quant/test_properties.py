@@ -1,77 +1,114 @@
-"""Properties of blockwise 4-bit quantization that hold for every input (hypothesis)."""
+"""Properties of blockwise 4-bit quantization that hold for every input, checked with minilora.testing.
+
+One source of truth: the bounds and checks are those minilora.testing offers any quantizer
+(minilora/testing/checks.py); the tensors come from its strategies (every blocksize, normal, heavy-tailed,
+outliers, all-zero blocks, subnormals, huge finite values, explicit values, odd lengths, 2-D, 16-bit dtypes).
+What only minilora's own state can show (the decoded absmax, the codes themselves) is asserted here too.
+"""
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilora.quant import (
     dequantize_4bit,
     dequantize_absmax,
-    get_code,
     pack_4bit,
     quantize_4bit,
     quantize_4bit_codes,
     unpack_4bit,
 )
-from minilora.quant.state import VALID_BLOCKSIZES
-
-
-def max_half_gap(code: torch.Tensor) -> float:
-    ordered = code.sort().values
-    return float((ordered[1:] - ordered[:-1]).max()) / 2
-
-
-# Double quantization stores each absmax with an error of at most nested_absmax x DQ_SCALE_ERROR: the
-# largest half-gap of the 8-bit dynamic code, plus half a step of the 65536-point grid that bitsandbytes'
-# CPU kernel rounds through, plus float slack.
-DQ_SCALE_ERROR = max_half_gap(get_code("dynamic")) + 1.0 / 65535 + 1e-6
-
-tensors = st.builds(
-    lambda n, scale, seed: torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale,
-    n=st.integers(1, 3000),
-    scale=st.sampled_from([1e-4, 0.02, 1.0, 300.0]),
-    seed=st.integers(0, 2**31 - 1),
+from minilora.testing import (
+    DQ_SCALE_ERROR,
+    bitsandbytes_pair,
+    check_agrees_with,
+    check_error_bound,
+    check_idempotent,
+    check_shape_and_dtype,
+    minilora_pair,
 )
+from minilora.testing.search import cases
+from minilora.testing.strategies import KINDS, quant_types, weights
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Double quantization sums the absmax (their mean is the offset): blocks near float32's maximum overflow it, in
+# bitsandbytes as here, so its properties are checked on every kind but "huge".
+FINITE_MEAN_KINDS = tuple(k for k in KINDS if k != "huge")
+SCALABLE_KINDS = ("normal", "heavy_tailed", "outliers", "zero_blocks")  # x * 2^20 stays finite
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=60, deadline=None)
-@given(x=tensors, blocksize=st.sampled_from(VALID_BLOCKSIZES), quant_type=st.sampled_from(["nf4", "fp4"]))
-def test_error_bound_without_double_quant(x, blocksize, quant_type):
-    packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)
-    error = (dequantize_4bit(packed, state) - x).abs()
-    absmax = state.absmax.repeat_interleave(blocksize)[: x.numel()]
-    bound = absmax * max_half_gap(get_code(quant_type)) * (1 + 1e-6)
-    assert bool((error <= bound).all()), float((error - bound).max())
+@settings(max_examples=80, **SETTINGS)
+@given(case=cases(dtypes=DTYPES), quant_type=quant_types())
+def test_error_bound_without_double_quant(case, quant_type):
+    blocksize, x = case
+    check_error_bound(minilora_pair(quant_type, blocksize), x)
 
 
-@settings(max_examples=60, deadline=None)
-@given(x=tensors, blocksize=st.sampled_from(VALID_BLOCKSIZES), quant_type=st.sampled_from(["nf4", "fp4"]))
-def test_error_bound_with_double_quant(x, blocksize, quant_type):
-    packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=True)
+@settings(max_examples=60, **SETTINGS)
+@given(case=cases(kinds=FINITE_MEAN_KINDS, dtypes=DTYPES), quant_type=quant_types())
+def test_error_bound_with_double_quant(case, quant_type):
+    blocksize, x = case
+    check_error_bound(minilora_pair(quant_type, blocksize, double_quant=True), x)
+    # the decoded absmax itself is within nested_absmax x DQ_SCALE_ERROR of the true one
+    state = quantize_4bit(x, blocksize, quant_type, compress_statistics=True)[1]
     true_absmax = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)[1].absmax
     nested = state.state2.absmax.repeat_interleave(state.state2.blocksize)[: true_absmax.numel()]
     scale_error = (dequantize_absmax(state) - true_absmax).abs()
     assert bool((scale_error <= nested * DQ_SCALE_ERROR + 1e-7 * true_absmax).all())
-    error = (dequantize_4bit(packed, state) - x).abs()
-    per_block = true_absmax * max_half_gap(get_code(quant_type)) + nested * DQ_SCALE_ERROR
-    bound = (per_block * (1 + 1e-5) + 1e-7 * true_absmax).repeat_interleave(blocksize)[: x.numel()]
-    assert bool((error <= bound).all()), float((error - bound).max())
 
 
-@settings(max_examples=60, deadline=None)
-@given(x=tensors, blocksize=st.sampled_from(VALID_BLOCKSIZES), quant_type=st.sampled_from(["nf4", "fp4"]))
-def test_quantizing_the_dequantized_tensor_gives_the_same_codes(x, blocksize, quant_type):
+@settings(max_examples=80, **SETTINGS)
+@given(case=cases(dtypes=DTYPES), quant_type=quant_types(), double_quant=st.booleans())
+def test_round_trip_keeps_shape_and_dtype(case, quant_type, double_quant):
+    blocksize, x = case
+    check_shape_and_dtype(minilora_pair(quant_type, blocksize, double_quant), x)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(case=cases(dtypes=DTYPES), quant_type=quant_types())
+def test_quantizing_the_dequantized_tensor_gives_the_same_codes(case, quant_type):
+    blocksize, x = case
+    check_idempotent(minilora_pair(quant_type, blocksize), x)
+    # ... and the same codes and absmax, wherever the block's scale is not clamped (absmax >= 1e-38)
     q, absmax = quantize_4bit_codes(x, blocksize, quant_type)
     packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)
     q2, absmax2 = quantize_4bit_codes(dequantize_4bit(packed, state), blocksize, quant_type)
-    assert torch.equal(absmax, absmax2)
+    if x.dtype == torch.float32:  # a 16-bit cast of code x absmax may round the block's largest value
+        normal = absmax >= 1e-38
+        assert torch.equal(absmax[normal], absmax2[normal])
     if quant_type == "fp4":
         # FP4 has two zeros (index 0 and index 8); a dequantized zero comes back as index 0.
         q = torch.where(q == 8, torch.zeros_like(q), q)
-    assert torch.equal(q, q2)
+    kept = (absmax >= 1e-38).repeat_interleave(blocksize)[: x.numel()]
+    assert torch.equal(q[kept], q2[kept])
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(case=cases(two_d=False), quant_type=quant_types(), double_quant=st.booleans())
+def test_agrees_with_bitsandbytes_bit_for_bit(case, quant_type, double_quant):
+    """1-D tensors: bitsandbytes 0.50.2's CPU dequantize of a 2-D tensor whose rows are shorter than a block
+    disagrees with its own 1-D result for the same bytes (minilora.testing found it), so 2-D is not compared."""
+    pytest.importorskip("bitsandbytes")
+    blocksize, x = case
+    if double_quant and bool((x.abs() > 1e37).any()):
+        return  # the absmax mean overflows (see FINITE_MEAN_KINDS): both give non-finite values
+    ours = minilora_pair(quant_type, blocksize, double_quant)
+    check_agrees_with(ours, bitsandbytes_pair(quant_type, blocksize, double_quant), x)
+
+
+def test_double_quant_of_subnormal_weights_matches_bitsandbytes():
+    """A subnormal absmax has an infinite reciprocal; double quant once indexed its grid with NaN (IndexError)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e-39
+    x[::7] = 0
+    packed, state = quantize_4bit(x, 64, "nf4", compress_statistics=True)
+    ref_packed, ref_state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.state2.absmax, ref_state.state2.absmax)
 
 
 @settings(max_examples=100, deadline=None)
@@ -84,8 +121,8 @@ def test_pack_and_unpack_are_inverse(indices):
     assert int(packed[0, 0]) >> 4 == indices[0]  # the first element sits in the high nibble
 
 
-@settings(max_examples=40, deadline=None)
-@given(x=tensors, exponent=st.integers(-20, 20), quant_type=st.sampled_from(["nf4", "fp4"]))
+@settings(max_examples=40, **SETTINGS)
+@given(x=weights(kinds=SCALABLE_KINDS), exponent=st.integers(-20, 20), quant_type=quant_types())
 def test_scaling_by_a_power_of_two_scales_the_dequantized_values_exactly(x, exponent, quant_type):
     c = 2.0**exponent
     a = dequantize_4bit(*quantize_4bit(x, 64, quant_type, compress_statistics=False))
@@ -93,17 +130,18 @@ def test_scaling_by_a_power_of_two_scales_the_dequantized_values_exactly(x, expo
     assert torch.equal(b, a * c)
 
 
-@settings(max_examples=40, deadline=None)
-@given(x=tensors, c=st.floats(0.01, 100.0), quant_type=st.sampled_from(["nf4", "fp4"]))
+@settings(max_examples=40, **SETTINGS)
+@given(x=weights(kinds=SCALABLE_KINDS), c=st.floats(0.01, 100.0), quant_type=quant_types())
 def test_scaling_by_any_positive_c_scales_the_dequantized_values(x, c, quant_type):
     packed, state = quantize_4bit(x, 64, quant_type, compress_statistics=False)
     packed_c, state_c = quantize_4bit(x * c, 64, quant_type, compress_statistics=False)
     # Values within float rounding of a decision boundary may round either way; all others agree.
-    code = get_code(quant_type).sort().values
+    code = state.code.sort().values
     midpoints = (code[1:] + code[:-1]) / 2
-    scaled = x / state.absmax.repeat_interleave(64)[: x.numel()].clamp(min=1e-38)
+    flat = x.reshape(-1)
+    scaled = flat / state.absmax.repeat_interleave(64)[: flat.numel()].clamp(min=1e-38)
     far = (scaled.unsqueeze(1) - midpoints).abs().amin(dim=1) > 1e-5
-    a, b = dequantize_4bit(packed, state), dequantize_4bit(packed_c, state_c)
+    a, b = dequantize_4bit(packed, state).reshape(-1), dequantize_4bit(packed_c, state_c).reshape(-1)
     torch.testing.assert_close(b[far], a[far] * c, rtol=1e-6, atol=0)
 
 
