@@ -96,6 +96,7 @@ def add_lora(
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
             adapter_dtype=adapter_dtype,
+            loftq_config=config.loftq_config,
         )
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, r_i, alpha_i, **settings)
