@@ -20,10 +20,8 @@ from minilora.lora.init import check_init
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "fan_in_fan_out": False,
     "lora_bias": False,
-    "modules_to_save": None,
     "layer_replication": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
     "use_bdlora": None,
 }
@@ -75,6 +73,8 @@ class LoRAConfig:
     use_dora: bool = False
     init: str = "default"
     loftq_config: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     base_model_name_or_path: str | None = None
     task_type: str = "CAUSAL_LM"
     inference_mode: bool = False
@@ -130,6 +130,8 @@ class LoRAConfig:
                 "loftq_config": dict(self.loftq_config),
                 "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout,
+                "modules_to_save": None if self.modules_to_save is None else list(self.modules_to_save),
+                "trainable_token_indices": self.trainable_token_indices,
                 "peft_type": "LORA",
                 "peft_version": PEFT_FORMAT_VERSION,
                 "r": self.r,
@@ -179,6 +181,8 @@ class LoRAConfig:
             use_dora=bool(data.get("use_dora", False)),
             init=init,
             loftq_config=dict(data.get("loftq_config") or {}),
+            modules_to_save=data.get("modules_to_save") or None,
+            trainable_token_indices=data.get("trainable_token_indices") or None,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             task_type=data.get("task_type") or "CAUSAL_LM",
             inference_mode=bool(data.get("inference_mode", False)),

@@ -27,6 +27,7 @@ from minilora.errors import AdapterError
 from minilora.io.checkpoint import atomic_write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
+from minilora.lora.extras import ModulesToSave, extra_modules, save_targets, token_targets
 from minilora.lora.targeting import find_targets, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,6 +47,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         out[prefix + "lora_B.weight"] = layer.lora_B[name].weight
         if name in layer.lora_magnitude_vector:
             out[prefix + "lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    for path, module in extra_modules(model):  # modules_to_save, trainable tokens (lora/extras.py)
+        name = adapter_name or module.active_adapter
+        out.update({f"{KEY_PREFIX}{path}.{key}": t for key, t in module.saved_tensors(name).items()})
     return out
 
 
@@ -141,6 +145,13 @@ def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, t
         shapes[prefix + "lora_B.weight"] = (module.out_features, r)
         if config.use_dora:
             shapes[prefix + "lora_magnitude_vector"] = (module.out_features,)
+    for path in save_targets(model, config.modules_to_save):
+        module = model.get_submodule(path)
+        own = module.expected_shapes() if isinstance(module, ModulesToSave) else module.state_dict()
+        shapes.update({f"{KEY_PREFIX}{path}.{k}": tuple(getattr(v, "shape", v)) for k, v in own.items()})
+    for path, indices in token_targets(model, config.trainable_token_indices).items():
+        dim = model.get_submodule(path).weight.shape[1]
+        shapes[f"{KEY_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = (len(indices), dim)
     return shapes
 
 
@@ -194,4 +205,9 @@ def load_adapter(
             layer.lora_B[adapter_name].weight.copy_(tensors[prefix + "lora_B.weight"])
             if config.use_dora:
                 layer.lora_magnitude_vector[adapter_name].copy_(tensors[prefix + "lora_magnitude_vector"])
+    for path, module in extra_modules(model):
+        prefix = f"{KEY_PREFIX}{path}."
+        own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+        if own and module.adapter_parameters(adapter_name):
+            module.load_tensors(adapter_name, own)
     return model
