@@ -7,6 +7,7 @@
     minilora merge MODEL ADAPTER --out merged/
     minilora quantize MODEL --out model-nf4/ [--type nf4|fp4|int8]
     minilora footprint MODEL
+    minilora export MODEL [--adapter DIR] --out model.gguf --format gguf [--type F16|BF16|Q8_0|Q4_0]
     minilora bench [ARGS...]
     minilora explain quant|lora|model [MODEL] [--plot DIR]
 
@@ -230,6 +231,36 @@ def cmd_merge(args: argparse.Namespace) -> None:
     _echo(f"merged model written to {out}")
 
 
+def _source_gguf(ref: str) -> Path | None:
+    """The GGUF file MODEL names ('default' or a .gguf path), whose tokenizer metadata an export copies."""
+    from minilora.io.gguf import default_model_path
+
+    if ref == "default":
+        return default_model_path()
+    return Path(ref) if ref.endswith(".gguf") else None
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from minilora.io.export import export_gguf, export_safetensors, tokenizer_metadata_from_gguf
+    from minilora.loading import from_pretrained
+    from minilora.lora import load_adapter
+
+    model_dir = _model_dir(args.model)
+    source = _source_gguf(args.model)
+    inputs = [model_dir, args.adapter, source]
+    model = from_pretrained(model_dir)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    if args.format == "safetensors":
+        export_safetensors(model, args.out, tokenizer_dir=model_dir, max_shard_size=args.max_shard_size, inputs=inputs)
+    else:
+        tokenizer = tokenizer_metadata_from_gguf(source) if source is not None else None
+        if tokenizer is None:
+            _echo("note: MODEL is not a GGUF file; the export carries no tokenizer metadata")
+        export_gguf(model, args.out, args.type, tokenizer=tokenizer, inputs=[i for i in inputs if i is not None])
+    _echo(f"{args.format} export written to {args.out}")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from minilora.loading import from_pretrained, save_quantized
 
@@ -401,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32 (4-bit only)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "export",
+        help="merge an adapter and export as transformers safetensors or a GGUF file for llama.cpp",
+        description="Merge ADAPTER (if given) into MODEL and write a transformers directory or one GGUF file.",
+    )
+    p.add_argument("model", help="base model directory, hub id, .gguf file or 'default'")
+    p.add_argument("--adapter", default=None, help="adapter directory to merge first")
+    p.add_argument("--out", required=True, help="output directory (safetensors) or .gguf file")
+    p.add_argument("--format", default="gguf", choices=("gguf", "safetensors"))
+    p.add_argument("--type", default="F16", choices=("F32", "F16", "BF16", "Q8_0", "Q4_0"), help="GGUF weight type")
+    p.add_argument("--max-shard-size", type=int, default=None, help="safetensors shard size in bytes")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "bench",

@@ -15,7 +15,10 @@ from minilora.lora.api import (
     unmerge_adapters,
 )
 from minilora.lora.config import LoRAConfig
+from minilora.lora.extras import ModulesToSave, TrainableTokens
 from minilora.lora.layer import AdapterSettings, LoRALinear, MergeReport
+from minilora.lora.loraplus import create_loraplus_optimizer, loraplus_param_groups
+from minilora.lora.multi import add_weighted_adapter, delete_adapter, load_adapters, save_adapters
 from minilora.lora.peft_io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from minilora.lora.targeting import find_targets, is_target, pattern_value
 
@@ -24,15 +27,22 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "MergeReport",
+    "ModulesToSave",
+    "TrainableTokens",
     "active_adapter",
     "adapter_nbytes",
     "adapter_state_dict",
     "add_lora",
+    "add_weighted_adapter",
+    "create_loraplus_optimizer",
+    "delete_adapter",
     "count_parameters",
     "disable_adapters",
     "find_targets",
     "is_target",
     "load_adapter",
+    "load_adapters",
+    "loraplus_param_groups",
     "lora_layers",
     "merge_adapters",
     "merge_and_unload",
@@ -40,6 +50,7 @@ __all__ = [
     "print_trainable_parameters",
     "read_adapter_config",
     "save_adapter",
+    "save_adapters",
     "set_adapter",
     "trainable_parameters_report",
     "unmerge_adapters",

@@ -14,6 +14,14 @@ import torch
 from torch import nn
 
 from minilora.lora.config import LoRAConfig
+from minilora.lora.extras import (
+    FullModule,
+    ModulesToSave,
+    TrainableTokens,
+    extra_modules,
+    save_targets,
+    token_targets,
+)
 from minilora.lora.layer import LoRALinear, MergeReport
 from minilora.lora.targeting import find_targets, pattern_value
 
@@ -51,6 +59,8 @@ def add_lora(
     layers_to_transform: list[int] | int | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    modules_to_save: list[str] | None = None,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
     adapter_name: str = "default",
     adapter_dtype: torch.dtype = torch.float32,
     config: LoRAConfig | None = None,
@@ -74,6 +84,8 @@ def add_lora(
             use_rslora=use_rslora,
             use_dora=use_dora,
             init=init,
+            modules_to_save=modules_to_save,
+            trainable_token_indices=trainable_token_indices,
         )
     configs = _configs(model)
     if adapter_name in configs:
@@ -96,6 +108,7 @@ def add_lora(
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
             adapter_dtype=adapter_dtype,
+            loftq_config=config.loftq_config,
         )
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, r_i, alpha_i, **settings)
@@ -104,19 +117,51 @@ def add_lora(
             if current is not None:
                 layer.set_adapter(current)  # a new layer follows the model's active adapter
             _set_submodule(model, name, layer)
+    _add_full_modules(model, config, adapter_name, current)
     configs[adapter_name] = config
     _update_trainable(model)
     return model
 
 
+def _add_full_modules(model: nn.Module, config: LoRAConfig, adapter_name: str, current: str | None) -> None:
+    """modules_to_save and trainable_token_indices of `config` (lora/extras.py), under `adapter_name`."""
+    for name in save_targets(model, config.modules_to_save):
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+        else:
+            wrapper = ModulesToSave(module, adapter_name)
+            wrapper.active_adapter = current or adapter_name
+            _set_submodule(model, name, wrapper)
+    for name, indices in token_targets(model, config.trainable_token_indices).items():
+        module = model.get_submodule(name)
+        if isinstance(module, TrainableTokens):
+            module.add_adapter(adapter_name, indices)
+        else:
+            wrapper = TrainableTokens(module, adapter_name, indices)
+            wrapper.active_adapter = current or adapter_name
+            _set_submodule(model, name, wrapper)
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, LoRALinear | FullModule]]:
+    """Every module that holds per-adapter tensors: LoRALinear, ModulesToSave, TrainableTokens."""
+    return [*lora_layers(model), *extra_modules(model)]
+
+
 def _update_trainable(model: nn.Module) -> None:
     """Only the active adapter's tensors train (none in inference mode); base weights never do."""
     configs = _configs(model)
-    for _, layer in lora_layers(model):
-        for name in layer.lora_A:
+    for _, layer in adapter_modules(model):
+        for name in configs:
             trainable = name == layer.active_adapter and not configs[name].inference_mode
-            for param in layer.adapter_parameters(name):
+            for param in layer.adapter_parameters(name) if _holds(layer, name) else []:
                 param.requires_grad_(trainable)
+
+
+def _holds(layer: nn.Module, name: str) -> bool:
+    if isinstance(layer, LoRALinear):
+        return name in layer.lora_A
+    return bool(layer.adapter_parameters(name))
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -126,6 +171,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
     for _, layer in lora_layers(model):
         layer.set_adapter(adapter_name)
+    for _, module in extra_modules(model):
+        module.active_adapter = adapter_name
     _update_trainable(model)
 
 
@@ -140,7 +187,7 @@ def active_adapter(model: nn.Module) -> str:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes the base model alone (peft's `disable_adapter()`)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in adapter_modules(model)]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -175,6 +222,10 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """
     for name, layer in lora_layers(model):
         _set_submodule(model, name, layer.to_linear(dtype))
+    for name, module in extra_modules(model):
+        _set_submodule(model, name, module.unwrapped())
+    if hasattr(model, "tie_weights") and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model

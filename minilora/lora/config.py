@@ -12,15 +12,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from minilora.errors import ConfigError
+from minilora.lora.init import check_init
+
 # peft's config fields that change the adapter's math or its files in ways minilora does not implement.
 # Reading a config that sets any of them to a non-default value is refused rather than silently ignored.
 _UNSUPPORTED_PEFT_FIELDS: dict[str, Any] = {
     "fan_in_fan_out": False,
     "lora_bias": False,
-    "modules_to_save": None,
     "layer_replication": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
     "use_bdlora": None,
 }
@@ -71,6 +72,9 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "default"
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     base_model_name_or_path: str | None = None
     task_type: str = "CAUSAL_LM"
     inference_mode: bool = False
@@ -80,8 +84,9 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank r must be a positive int, got r={self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
-        if self.init not in ("default", "gaussian"):
-            raise ValueError(f"init must be 'default' or 'gaussian', got init={self.init!r}")
+        check_init(self.init)
+        if self.init == "loftq" and not self.loftq_config:
+            self.loftq_config = {"loftq_bits": 4, "loftq_iter": 1}  # peft's LoftQConfig defaults
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -122,8 +127,11 @@ class LoRAConfig:
                 "init_lora_weights": True if self.init == "default" else self.init,
                 "layers_pattern": self.layers_pattern,
                 "layers_to_transform": self.layers_to_transform,
+                "loftq_config": dict(self.loftq_config),
                 "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout,
+                "modules_to_save": None if self.modules_to_save is None else list(self.modules_to_save),
+                "trainable_token_indices": self.trainable_token_indices,
                 "peft_type": "LORA",
                 "peft_version": PEFT_FORMAT_VERSION,
                 "r": self.r,
@@ -152,9 +160,12 @@ class LoRAConfig:
         if "r" not in data or "target_modules" not in data:
             raise ValueError(f"{source}: needs 'r' and 'target_modules', found keys {sorted(data)}")
         init = data.get("init_lora_weights", True)
-        if init not in (True, False, "gaussian"):
-            # PiSSA, OLoRA, LoftQ ... also rewrite the base weights: the adapter alone cannot reproduce them.
-            raise ValueError(f"{source}: init_lora_weights={init!r} is not supported by minilora")
+        if init in (True, False):
+            init = "default"
+        try:
+            check_init(init)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: init_lora_weights={init!r} is not supported by minilora") from e
         target = data["target_modules"]
         return cls(
             r=int(data["r"]),
@@ -168,7 +179,10 @@ class LoRAConfig:
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             use_rslora=bool(data.get("use_rslora", False)),
             use_dora=bool(data.get("use_dora", False)),
-            init="gaussian" if init == "gaussian" else "default",
+            init=init,
+            loftq_config=dict(data.get("loftq_config") or {}),
+            modules_to_save=data.get("modules_to_save") or None,
+            trainable_token_indices=data.get("trainable_token_indices") or None,
             base_model_name_or_path=data.get("base_model_name_or_path"),
             task_type=data.get("task_type") or "CAUSAL_LM",
             inference_mode=bool(data.get("inference_mode", False)),

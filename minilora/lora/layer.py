@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.errors import AdapterError
+from minilora.lora.init import check_init, initial_weights
+
 
 @dataclass
 class AdapterSettings:
@@ -121,6 +124,7 @@ class LoRALinear(nn.Module):
         use_dora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
         adapter_name: str = "default",
+        loftq_config: dict | None = None,
     ) -> None:
         super().__init__()
         if not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
@@ -139,7 +143,7 @@ class LoRALinear(nn.Module):
         # What unmerge needs: DoRA's pre-merge row norms, and the pre-merge module of a quantized base.
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
         self._premerge_base: dict[str, nn.Module] = {}
-        self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype)
+        self.add_adapter(adapter_name, r, alpha, dropout, init, use_rslora, use_dora, adapter_dtype, loftq_config)
 
     @property
     def quantized(self) -> bool:
@@ -155,8 +159,12 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        loftq_config: dict | None = None,
     ) -> None:
-        """Create adapter `name` (A [r, in], B [out, r], optional DoRA magnitude [out]) with peft's init."""
+        """Create adapter `name` (A [r, in], B [out, r], optional DoRA magnitude [out]) with peft's init.
+
+        PiSSA, OLoRA and LoftQ (lora/init.py) also rewrite the base weight, as peft does.
+        """
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank must be a positive int, got r={r!r}")
         if name in self.lora_A:
@@ -166,23 +174,45 @@ class LoRALinear(nn.Module):
         device = _device_of(self.base_layer)
         lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
         lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         if init == "default":
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_B.weight)  # B = 0: the adapter starts as an exact no-op
         elif init == "gaussian":
             nn.init.normal_(lora_A.weight, std=1 / r)
+            nn.init.zeros_(lora_B.weight)
         else:
-            raise ValueError(f"init must be 'default' or 'gaussian', got {init!r}")
-        nn.init.zeros_(lora_B.weight)  # B = 0: the adapter starts as an exact no-op
+            self._init_from_base(check_init(init), lora_A, lora_B, r, scaling, loftq_config)
         self.lora_A[name] = lora_A
         self.lora_B[name] = lora_B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.settings[name] = AdapterSettings(r, alpha, scaling, dropout, use_dora)
         if use_dora:
             with torch.no_grad():
                 weight = base_weight(self.base_layer).to(adapter_dtype)
                 magnitude = torch.linalg.norm(weight + scaling * self.lora_delta(name, unscaled=True), dim=1)
             self.lora_magnitude_vector[name] = nn.Parameter(magnitude)  # (out,)
+
+    @torch.no_grad()
+    def _init_from_base(
+        self, init: str, lora_A: nn.Linear, lora_B: nn.Linear, r: int, scaling: float, loftq_config: dict | None
+    ) -> None:
+        """PiSSA / OLoRA / LoftQ: A and B from the base weight, which becomes the residual (or dequant(Q))."""
+        if self.quantized and init != "olora":
+            # as peft: the SVD needs the float weight; quantize the residual afterwards (QPiSSA, LoftQ)
+            raise AdapterError(
+                f"init={init!r} needs a float base layer, got {type(self.base_layer).__name__}; initialise on the "
+                "float model, then quantize its base weights"
+            )
+        weight = base_weight(self.base_layer)
+        A, B, new_base = initial_weights(init, weight, r, scaling, loftq_config)
+        lora_A.weight.data = A.to(lora_A.weight.dtype).contiguous()
+        lora_B.weight.data = B.to(lora_B.weight.dtype).contiguous()
+        if self.quantized:
+            bias = getattr(self.base_layer, "bias", None)
+            self.base_layer = requantize_like(self.base_layer, new_base.to(weight.dtype), bias)
+        else:
+            self.base_layer.weight.data = new_base.to(weight.dtype)
 
     def set_adapter(self, name: str) -> None:
         """Make `name` the active adapter; a layer without it then computes the base layer alone (as peft)."""

@@ -13,6 +13,7 @@ Both files are written atomically (temp file in the same directory, fsync, os.re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,9 +23,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from minilora.errors import AdapterError
 from minilora.io.checkpoint import atomic_write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
+from minilora.lora.extras import ModulesToSave, extra_modules, save_targets, token_targets
 from minilora.lora.targeting import find_targets, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
@@ -44,11 +47,25 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         out[prefix + "lora_B.weight"] = layer.lora_B[name].weight
         if name in layer.lora_magnitude_vector:
             out[prefix + "lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    for path, module in extra_modules(model):  # modules_to_save, trainable tokens (lora/extras.py)
+        name = adapter_name or module.active_adapter
+        out.update({f"{KEY_PREFIX}{path}.{key}": t for key, t in module.saved_tensors(name).items()})
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write adapter `adapter_name` (default: the active one) as peft would; returns the directory."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    initial_adapter_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write adapter `adapter_name` (default: the active one) as peft would; returns the directory.
+
+    initial_adapter_dir (peft's `path_initial_model_for_weight_conversion`): where the adapter of a
+    PiSSA / OLoRA / LoftQ init was saved before training. The adapter is then written as a plain LoRA on
+    the ORIGINAL base weight (lora/init.py): W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0],
+    rank 2r, alpha doubled (times sqrt 2 with rsLoRA) so that s is unchanged.
+    """
     configs = _configs(model)
     layers = lora_layers(model)
     if not layers or not configs:
@@ -62,6 +79,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in adapter_state_dict(model, name).items()}
     resolved = [path for path, layer in layers if name in layer.lora_A]
     directory = Path(directory)
+    if initial_adapter_dir is not None:
+        tensors, config = _as_plain_lora(tensors, config, Path(initial_adapter_dir))
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     data = config.to_peft_dict(resolved_targets=resolved)
@@ -69,6 +88,41 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     text = json.dumps(data, indent=2, sort_keys=True)
     atomic_write_bytes(directory / CONFIG_NAME, text.encode("utf-8"))
     return directory
+
+
+def _as_plain_lora(
+    tensors: dict[str, torch.Tensor], config: LoRAConfig, initial_dir: Path
+) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
+    """[A ; A0] and [B | -B0] with r, alpha and the patterns doubled: peft's `subtract_mutated_init`."""
+    path = initial_dir / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: the initial adapter to convert from is missing")
+    initial = load_file(str(path))
+    if initial.keys() != tensors.keys():
+        raise AdapterError(
+            f"{path}: its keys differ from the adapter being saved "
+            f"(only in file: {sorted(initial.keys() - tensors.keys())[:3]}, "
+            f"only in model: {sorted(tensors.keys() - initial.keys())[:3]})"
+        )
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("lora_A.weight"):
+            out[key] = torch.cat([t, initial[key].to(t.dtype)], dim=0)  # (2r, in)
+        elif key.endswith("lora_B.weight"):
+            out[key] = torch.cat([t, -initial[key].to(t.dtype)], dim=1)  # (out, 2r)
+        else:
+            raise AdapterError(f"{key}: only plain LoRA tensors can be converted (no DoRA)")
+    factor = 2**0.5 if config.use_rslora else 2
+    plain = dataclasses.replace(
+        config,
+        r=2 * config.r,
+        alpha=config.alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        init="default",
+        loftq_config={},
+    )
+    return out, plain
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
@@ -91,6 +145,13 @@ def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, t
         shapes[prefix + "lora_B.weight"] = (module.out_features, r)
         if config.use_dora:
             shapes[prefix + "lora_magnitude_vector"] = (module.out_features,)
+    for path in save_targets(model, config.modules_to_save):
+        module = model.get_submodule(path)
+        own = module.expected_shapes() if isinstance(module, ModulesToSave) else module.state_dict()
+        shapes.update({f"{KEY_PREFIX}{path}.{k}": tuple(getattr(v, "shape", v)) for k, v in own.items()})
+    for path, indices in token_targets(model, config.trainable_token_indices).items():
+        dim = model.get_submodule(path).weight.shape[1]
+        shapes[f"{KEY_PREFIX}{path}.token_adapter.trainable_tokens_delta"] = (len(indices), dim)
     return shapes
 
 
@@ -144,4 +205,9 @@ def load_adapter(
             layer.lora_B[adapter_name].weight.copy_(tensors[prefix + "lora_B.weight"])
             if config.use_dora:
                 layer.lora_magnitude_vector[adapter_name].copy_(tensors[prefix + "lora_magnitude_vector"])
+    for path, module in extra_modules(model):
+        prefix = f"{KEY_PREFIX}{path}."
+        own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+        if own and module.adapter_parameters(adapter_name):
+            module.load_tensors(adapter_name, own)
     return model

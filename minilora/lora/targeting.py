@@ -16,6 +16,7 @@ import re
 from torch import nn
 
 from minilora.lora.config import LoRAConfig
+from minilora.lora.extras import ModulesToSave, TrainableTokens
 from minilora.lora.layer import LoRALinear, is_quantized_linear
 
 OUTPUT_HEAD_NAMES = ("lm_head",)
@@ -90,7 +91,9 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (ModulesToSave, TrainableTokens)):
+            inside.append(name)  # trained in full: no adapter inside (peft alike)
+        elif isinstance(module, LoRALinear):
             inside.append(name)
             out.append((name, module))
         elif is_linear(module):

@@ -70,7 +70,7 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         LoRAConfig.from_peft_dict({"r": 8, "target_modules": ["q_proj"], "fan_in_fan_out": True})
     with pytest.raises(ValueError, match="init_lora_weights"):
-        LoRAConfig.from_peft_dict({"r": 8, "target_modules": ["q_proj"], "init_lora_weights": "pissa"})
+        LoRAConfig.from_peft_dict({"r": 8, "target_modules": ["q_proj"], "init_lora_weights": "corda"})
 
 
 LLAMA_31_8B = dict(
