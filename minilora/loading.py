@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilora.io.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from minilora.io.checkpoint import (
+    SOURCE_ATTR,
+    CheckpointError,
+    CheckpointReader,
+    check_finite,
+    check_output_is_not_source,
+    save_checkpoint,
+)
 from minilora.io.hub import resolve_model_dir
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaForCausalLM
@@ -106,6 +113,7 @@ def from_pretrained(
     model.model.rotary_emb.reset_inv_freq(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors left on the meta device after loading: {leftover}"
+    setattr(model, SOURCE_ATTR, directory)  # save_pretrained / save_quantized refuse to write there
     return model.eval()
 
 
@@ -202,8 +210,13 @@ def _plan(model: LlamaForCausalLM, ckpt: CheckpointReader, directory: Path) -> d
 
 # ---------------------------------------------------------------------------------------------- loading
 def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
-    """One tensor on `device`, cast to `dtype`: on a GPU read there (page-locked copies) and cast piece by piece."""
-    return ckpt.get_on(key, device, dtype)
+    """One tensor on `device`, cast to `dtype`: on a GPU read there (page-locked copies) and cast piece by piece.
+
+    Checked for NaN/Inf once, here (after the cast, so an overflow to float16 shows too), never in a forward.
+    """
+    tensor = ckpt.get_on(key, device, dtype)
+    check_finite(tensor, ckpt.file_of(key), key)
+    return tensor
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -247,6 +260,8 @@ def _load_prequantized(
 
     keys = [k for k in ckpt.keys() if k.startswith(f"{name}.")]
     tensors = {k: ckpt.get(k).to(device) for k in keys}
+    for k, t in tensors.items():  # bias, absmax, SCB, code tables: NaN there would poison the whole layer
+        check_finite(t, ckpt.file_of(k), k)
     bias_key = f"{name}.bias"
     if bias_key in tensors and dtype is not None:
         tensors[bias_key] = tensors[bias_key].to(dtype)
@@ -337,8 +352,8 @@ def save_quantized(model: LlamaForCausalLM, directory: str | os.PathLike, max_sh
             "save_quantized: the model has no quantized layers; use minilora.io.checkpoint.save_pretrained"
         )
     tensors = quantized_tensors(model)
-    directory = Path(directory)
-    save_checkpoint(tensors, directory, max_shard_size=max_shard_size)
+    check_output_is_not_source(model, directory)
     embed_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     config = dataclasses.replace(model.config, quantization_config=qc, torch_dtype=embed_dtype)
-    config.to_json(directory / "config.json")
+    files = {"config.json": config.to_json_bytes()}
+    save_checkpoint(tensors, directory, max_shard_size=max_shard_size, extra_files=files)
