@@ -95,15 +95,14 @@ def from_pretrained(
             module = model.get_submodule(name)
             params = {p: _read(ckpt, f"{name}.{p}", dtype, device) for p in names}
             if kind == "quantize" and quantize is not None:
-                new = _quantize_linear(
-                    params["weight"],
-                    params.get("bias"),
-                    quantize,
-                    double_quant,
-                    blocksize,
-                    compute_dtype,
-                    int8_threshold,
-                )
+                args = (params["weight"], params.get("bias"), quantize, double_quant, blocksize, compute_dtype)
+                try:
+                    new = _quantize_linear(*args, int8_threshold)
+                except ValueError as e:  # the quantizer's message names the problem; the file and key go first
+                    key = f"{name}.weight"
+                    raise CheckpointError(
+                        f"{ckpt.file_of(key)}: key {key!r}: cannot quantize to {quantize}: {e}"
+                    ) from e
                 _replace_module(model, name, new)
             else:
                 for p, tensor in params.items():
