@@ -100,9 +100,8 @@ def from_pretrained(
                     new = _quantize_linear(*args, int8_threshold)
                 except ValueError as e:  # the quantizer's message names the problem; the file and key go first
                     key = f"{name}.weight"
-                    raise CheckpointError(
-                        f"{ckpt.file_of(key)}: key {key!r}: cannot quantize to {quantize}: {e}"
-                    ) from e
+                    where = f"{ckpt.file_of(key)}: key {key!r}"
+                    raise CheckpointError(f"{where}: cannot quantize to {quantize}: {e}") from e
                 _replace_module(model, name, new)
             else:
                 for p, tensor in params.items():
