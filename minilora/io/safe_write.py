@@ -121,8 +121,9 @@ def _disk_full(code: int, path: str | os.PathLike) -> OSError:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (no rename: callers write to a temporary name)."""
-    with readable_disk_errors(path), open(path, "wb") as f:
+    """Write ``data`` to ``path`` and fsync it (no rename: callers write to a temporary name, and
+    :func:`staged_files` names the final file when the disk is full)."""
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -158,10 +159,15 @@ def staged_files(directory: str | os.PathLike) -> Iterator[Callable[[str], Path]
         return Path(tmp)
 
     try:
-        yield stage
-        for final, tmp in staged.items():
-            with readable_disk_errors(final), open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        try:
+            yield stage
+            for final, tmp in staged.items():
+                with readable_disk_errors(final), open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+        except OSError as e:  # a full disk met while writing a staged file: name the file it was to become
+            if e.errno not in _DISK_FULL or not staged or "while writing" in str(e):
+                raise
+            raise _disk_full(e.errno, list(staged)[-1]) from e
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
