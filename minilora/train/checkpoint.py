@@ -63,7 +63,7 @@ def _torch_save(obj: Any, path: Path) -> None:
         try:
             torch.save(obj, path)
         except RuntimeError as e:
-            if "write" not in str(e):
+            if "writ" not in str(e):  # "failed writing file", "file write failed"
                 raise
             free = shutil.disk_usage(path.parent).free
             raise OSError(

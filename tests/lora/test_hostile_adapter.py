@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from minilora.errors import AdapterError
 from minilora.io import safe_write
 from minilora.loading import from_pretrained
-from minilora.lora import add_lora, load_adapter, save_adapter
-from minilora.lora import peft_io
+from minilora.lora import add_lora, load_adapter, peft_io, save_adapter
 
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
