@@ -96,9 +96,8 @@ def test_each_family_is_one_line_and_exit_1(base_and_adapter, tmp_path, capsys):
     shutil.copytree(base, zero)
     config = json.loads((zero / "config.json").read_text())
     (zero / "config.json").write_text(json.dumps({**config, "vocab_size": 0}))
-    cases.append(
-        (["merge", str(zero), str(adapter), "--out", str(tmp_path / "m0")], f"{zero / 'config.json'}: vocab_size=0")
-    )
+    merge_zero = ["merge", str(zero), str(adapter), "--out", str(tmp_path / "m0")]
+    cases.append((merge_zero, f"{zero / 'config.json'}: vocab_size=0"))
     # AdapterError: zero scale
     bad = tmp_path / "bad-adapter"
     shutil.copytree(adapter, bad)
