@@ -131,3 +131,25 @@ def test_atomic_write_disk_full_names_the_path(tmp_path, monkeypatch):
         ckpt_io.atomic_write_bytes(target, b"new")
     assert e.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("name, content", [("tokenizer.json", b"{nope"), ("tokenizer_config.json", b"[1]")])
+def test_broken_tokenizer_files_are_named(tmp_path, name, content):
+    import tokenizers
+
+    from minilora.io.tokenizer import Tokenizer
+
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=str(tmp_path / name)):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_truncated_gguf_is_named(tmp_path):
+    from minilora.io.gguf import gguf_to_dir_cached
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00\x01")
+    with pytest.raises(ValueError, match=str(bad)):
+        gguf_to_dir_cached(bad, tmp_path / "cache")
