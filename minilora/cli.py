@@ -51,6 +51,12 @@ def _quantize_arg(text: str) -> str | None:
     return None if text == "none" else text
 
 
+def _inputs(args: argparse.Namespace, model_dir: Path) -> list[str | Path | None]:
+    """The paths a writing command reads: its --out may not be, hold or lie inside any of them."""
+    given = Path(args.model).expanduser()
+    return [model_dir, given if given.exists() else None, getattr(args, "adapter", None)]
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -215,19 +221,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
     from minilora.io.checkpoint import save_pretrained
+    from minilora.io.safe_write import check_output, output_directory
     from minilora.loading import from_pretrained
     from minilora.lora import load_adapter, merge_and_unload
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model_dir = _model_dir(args.model)
+    out = Path(args.out)
+    check_output(out, _inputs(args, model_dir))  # before any work: merging over the base would destroy it
     model = from_pretrained(model_dir)
     load_adapter(model, args.adapter)
     merged = merge_and_unload(model, dtype=dtypes[args.dtype])
     for p in merged.parameters():
         p.data = p.data.to(dtypes[args.dtype])
-    out = Path(args.out)
-    save_pretrained(merged, out)
-    _copy_tokenizer(model_dir, out)
+    with output_directory(out) as tmp:  # written aside, swapped in whole: a failure leaves the old --out intact
+        save_pretrained(merged, tmp)
+        _copy_tokenizer(model_dir, tmp)
     _echo(f"merged model written to {out}")
 
 
@@ -262,15 +271,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from minilora.io.safe_write import check_output, output_directory
     from minilora.loading import from_pretrained, save_quantized
 
     model_dir = _model_dir(args.model)
+    out = Path(args.out)
+    check_output(out, _inputs(args, model_dir))
     model = from_pretrained(
         model_dir, quantize=args.type, double_quant=not args.no_double_quant, blocksize=args.blocksize
     )
-    out = Path(args.out)
-    save_quantized(model, out)
-    _copy_tokenizer(model_dir, out)
+    with output_directory(out) as tmp:
+        save_quantized(model, tmp)
+        _copy_tokenizer(model_dir, tmp)
     _echo(f"{args.type} checkpoint (bitsandbytes format) written to {out}")
 
 

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilora.io.checkpoint import CheckpointError, CheckpointReader, save_checkpoint
+from minilora.io.checkpoint import (
+    SOURCE_ATTR,
+    CheckpointError,
+    CheckpointReader,
+    check_finite,
+    check_output_is_not_source,
+    save_checkpoint,
+)
 from minilora.io.hub import resolve_model_dir
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaForCausalLM
@@ -88,15 +95,13 @@ def from_pretrained(
             module = model.get_submodule(name)
             params = {p: _read(ckpt, f"{name}.{p}", dtype, device) for p in names}
             if kind == "quantize" and quantize is not None:
-                new = _quantize_linear(
-                    params["weight"],
-                    params.get("bias"),
-                    quantize,
-                    double_quant,
-                    blocksize,
-                    compute_dtype,
-                    int8_threshold,
-                )
+                args = (params["weight"], params.get("bias"), quantize, double_quant, blocksize, compute_dtype)
+                try:
+                    new = _quantize_linear(*args, int8_threshold)
+                except ValueError as e:  # the quantizer's message names the problem; the file and key go first
+                    key = f"{name}.weight"
+                    where = f"{ckpt.file_of(key)}: key {key!r}"
+                    raise CheckpointError(f"{where}: cannot quantize to {quantize}: {e}") from e
                 _replace_module(model, name, new)
             else:
                 for p, tensor in params.items():
@@ -106,6 +111,7 @@ def from_pretrained(
     model.reset_rope(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors left on the meta device after loading: {leftover}"
+    setattr(model, SOURCE_ATTR, directory)  # save_pretrained / save_quantized refuse to write there
     return model.eval()
 
 
@@ -202,8 +208,13 @@ def _plan(model: LlamaForCausalLM, ckpt: CheckpointReader, directory: Path) -> d
 
 # ---------------------------------------------------------------------------------------------- loading
 def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
-    """One tensor on `device`, cast to `dtype`: on a GPU read there (page-locked copies) and cast piece by piece."""
-    return ckpt.get_on(key, device, dtype)
+    """One tensor on `device`, cast to `dtype`: on a GPU read there (page-locked copies) and cast piece by piece.
+
+    Checked for NaN/Inf once, here (after the cast, so an overflow to float16 shows too), never in a forward.
+    """
+    tensor = ckpt.get_on(key, device, dtype)
+    check_finite(tensor, ckpt.file_of(key), key)
+    return tensor
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -247,6 +258,8 @@ def _load_prequantized(
 
     keys = [k for k in ckpt.keys() if k.startswith(f"{name}.")]
     tensors = {k: ckpt.get(k).to(device) for k in keys}
+    for k, t in tensors.items():  # bias, absmax, SCB, code tables: NaN there would poison the whole layer
+        check_finite(t, ckpt.file_of(k), k)
     bias_key = f"{name}.bias"
     if bias_key in tensors and dtype is not None:
         tensors[bias_key] = tensors[bias_key].to(dtype)
@@ -337,8 +350,8 @@ def save_quantized(model: LlamaForCausalLM, directory: str | os.PathLike, max_sh
             "save_quantized: the model has no quantized layers; use minilora.io.checkpoint.save_pretrained"
         )
     tensors = quantized_tensors(model)
-    directory = Path(directory)
-    save_checkpoint(tensors, directory, max_shard_size=max_shard_size)
+    check_output_is_not_source(model, directory)
     embed_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     config = dataclasses.replace(model.config, quantization_config=qc, torch_dtype=embed_dtype)
-    config.to_json(directory / "config.json")
+    files = {"config.json": config.to_json_bytes()}
+    save_checkpoint(tensors, directory, max_shard_size=max_shard_size, extra_files=files)

@@ -23,7 +23,6 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minilora.errors import CheckpointError
+from minilora.io.safe_write import check_output, readable_disk_errors, staged_files, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -318,22 +318,34 @@ def load_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
         return {k: ckpt.get(k) for k in ckpt.keys()}
 
 
+def check_finite(tensor: torch.Tensor, file: str | os.PathLike, key: str) -> None:
+    """CheckpointError naming file, key and count when a float tensor holds NaN or Inf (one pass; at load only)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    bad = ~torch.isfinite(tensor.reshape(-1))
+    first = int(bad.nonzero()[0, 0])
+    raise CheckpointError(
+        f"{file}: key {key!r} holds {int(bad.sum())} non-finite value(s) (NaN/Inf) among {tensor.numel()} "
+        f"({tensor.dtype}), the first at flat index {first} ({tensor.reshape(-1)[first].item()}); the file is "
+        "corrupted or was saved from a diverged run: refusing to build a model from it"
+    )
+
+
+# Where from_pretrained records the directory a model came from: its writers refuse to write there.
+SOURCE_ATTR = "loaded_from"
+
+
+def check_output_is_not_source(model: nn.Module, directory: str | os.PathLike) -> None:
+    """CLIError if ``directory`` is, holds or lies inside the checkpoint ``model`` was loaded from."""
+    check_output(directory, [getattr(model, SOURCE_ATTR, None)])
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with staged_files(path.parent) as stage:
+        write_bytes(stage(path.name), data)
 
 
 def save_safetensors(
@@ -341,21 +353,18 @@ def save_safetensors(
 ) -> None:
     """Write tensors to a .safetensors file atomically; metadata defaults to ``{"format": "pt"}``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_files(path.parent) as stage:
+        _write_safetensors(tensors, stage(path.name), metadata, path)
+
+
+def _write_safetensors(
+    tensors: Mapping[str, torch.Tensor], tmp: Path, metadata: dict[str, str] | None, final: Path
+) -> None:
     meta = {"format": "pt", **(metadata or {})}
     # safetensors refuses tensors that share storage or are non-contiguous: store independent copies.
     plain = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with readable_disk_errors(final):
         save_file(plain, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(
@@ -363,14 +372,17 @@ def save_checkpoint(
     directory: str | os.PathLike,
     max_shard_size: int | None = None,
     metadata: dict[str, str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> list[Path]:
     """Write tensors as ``model.safetensors``, or as shards + index when they exceed ``max_shard_size`` bytes.
 
     Shards are named as transformers names them (``model-00001-of-00003.safetensors``). A stale single
     file or index from an earlier save in the same directory is removed so loaders see one checkpoint.
+    ``extra_files`` (name -> bytes, e.g. config.json) are written with them. Every file goes under a
+    temporary name first and all are renamed together at the end (``staged_files``): a failure while
+    writing any of them leaves the directory's old files byte-identical.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -380,24 +392,23 @@ def save_checkpoint(
             size = 0
         shards[-1][key] = t
         size += nbytes
-    if len(shards) == 1:
-        save_safetensors(shards[0], directory / SAFE_SINGLE, metadata)
-        (directory / SAFE_INDEX).unlink(missing_ok=True)
-        return [directory / SAFE_SINGLE]
-    files = []
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, directory / name, metadata)
-        files.append(directory / name)
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    atomic_write_bytes(directory / SAFE_INDEX, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
-    (directory / SAFE_SINGLE).unlink(missing_ok=True)
-    return files
+    names = (
+        [SAFE_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    with staged_files(directory) as stage:
+        for name, shard in zip(names, shards, strict=True):
+            _write_safetensors(shard, stage(name), metadata, directory / name)
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+            total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            write_bytes(stage(SAFE_INDEX), (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        for name, data in (extra_files or {}).items():
+            write_bytes(stage(name), data)
+    (directory / (SAFE_INDEX if len(shards) == 1 else SAFE_SINGLE)).unlink(missing_ok=True)
+    return [directory / name for name in names]
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -432,10 +443,11 @@ def save_pretrained(
             f"save_pretrained writes float checkpoints; {odd[0]!r} is {tensors[odd[0]].dtype} "
             "(use minilora.loading.save_quantized for quantized models)"
         )
-    directory = Path(directory)
-    save_checkpoint(tensors, directory, max_shard_size=max_shard_size)
     out_config = _replace_config(config, quantization_config=None, dtype=_dtype_name(tensors))
-    out_config.to_json(directory / "config.json")
+    check_output_is_not_source(model, directory)
+    save_checkpoint(
+        tensors, directory, max_shard_size=max_shard_size, extra_files={"config.json": out_config.to_json_bytes()}
+    )
 
 
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str | None:

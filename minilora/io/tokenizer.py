@@ -35,6 +35,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from minilora.errors import CheckpointError
 from minilora.io.checkpoint import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -252,9 +253,17 @@ class Tokenizer:
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise ValueError(f"{path}: no tokenizer.json")
-        tk = HFTokenizer.from_file(str(tj))
+        try:
+            tk = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # the tokenizers library raises a bare Exception without the path
+            raise CheckpointError(f"{tj}: not a valid tokenizer.json ({e})") from e
         cfg_file = path / "tokenizer_config.json"
-        config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        try:
+            config = json.loads(cfg_file.read_bytes().decode("utf-8")) if cfg_file.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: not valid UTF-8 JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_file}: expected a JSON object, found {type(config).__name__}")
         jinja = path / "chat_template.jinja"
         if "chat_template" not in config and jinja.is_file():
             config["chat_template"] = jinja.read_text(encoding="utf-8")

@@ -8,23 +8,31 @@ with safetensors metadata {"format": "pt"}. The config is peft 0.21's JSON (sort
 
 Reading refuses what peft only warns about: a targeted module whose tensors are missing, a tensor of the
 wrong shape, or a tensor for a module the config does not target. Every error names the keys.
-Both files are written atomically (temp file in the same directory, fsync, os.replace).
+Both files are written under temporary names and renamed together once both are whole (staged_files), so
+a failure half-way leaves an older adapter in the directory byte-identical.
+
+Loading checks every file before the model changes (AdapterError naming the file, and the key or field):
+adapter_config.json must be a JSON object peft could have written; a zero or non-finite scale
+(lora_alpha / alpha_pattern) is refused, since the adapter would be a silent no-op; every tensor must be
+floating point (an integer tensor would be cast to float without a word) and finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from minilora.errors import AdapterError
-from minilora.io.checkpoint import atomic_write_bytes
+from minilora.io.safe_write import staged_files, write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
 from minilora.lora.extras import ModulesToSave, extra_modules, save_targets, token_targets
@@ -82,11 +90,12 @@ def save_adapter(
     if initial_adapter_dir is not None:
         tensors, config = _as_plain_lora(tensors, config, Path(initial_adapter_dir))
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     data = config.to_peft_dict(resolved_targets=resolved)
     data["inference_mode"] = True  # peft's save_pretrained always records the saved adapter as inference-only
     text = json.dumps(data, indent=2, sort_keys=True)
-    atomic_write_bytes(directory / CONFIG_NAME, text.encode("utf-8"))
+    with staged_files(directory) as stage:  # both files renamed only once both are whole
+        write_bytes(stage(WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_bytes(stage(CONFIG_NAME), text.encode("utf-8"))
     return directory
 
 
@@ -126,12 +135,62 @@ def _as_plain_lora(
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
+    """The LoRAConfig of an adapter directory; AdapterError naming adapter_config.json for any problem."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{path}: no adapter config found")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return LoRAConfig.from_peft_dict(data, source=str(path))
+        raise AdapterError(f"{path}: no adapter config found (is {directory} an adapter directory?)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: not valid UTF-8 JSON ({e}); expected peft's adapter_config.json") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    try:
+        config = LoRAConfig.from_peft_dict(data, source=str(path))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, AdapterError):
+            raise
+        text = str(e)
+        raise AdapterError(text if text.startswith(str(path)) else f"{path}: {text}") from e
+    _check_scales(config, path)
+    return config
+
+
+def _check_scales(config: LoRAConfig, path: Path) -> None:
+    """A zero scale makes the adapter a no-op that looks loaded; NaN/Inf would poison every output."""
+    alphas = {"lora_alpha": config.alpha} | {f"alpha_pattern[{k!r}]": v for k, v in config.alpha_pattern.items()}
+    for field, value in alphas.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise AdapterError(f"{path}: {field}={value!r} is not a number")
+        if not math.isfinite(value) or value == 0:
+            raise AdapterError(
+                f"{path}: {field}={value!r} gives the adapter a scale of {value}/r, so it would "
+                + ("change nothing" if value == 0 else "make every output NaN")
+                + "; set a non-zero finite lora_alpha (peft's default is 8)"
+            )
+
+
+def read_adapter_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, each checked: safetensors readable, floating point, finite (AdapterError)."""
+    if not weights_path.is_file():
+        raise AdapterError(f"{weights_path}: adapter weights not found (only safetensors is read)")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights_path} is not a valid safetensors file (truncated or corrupted?): {e}") from e
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(
+                f"{weights_path}: key {key!r} is {t.dtype}; LoRA weights must be floating point "
+                "(an integer tensor would be cast to float and give a wrong adapter)"
+            )
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(
+                f"{weights_path}: key {key!r} holds {bad} non-finite value(s) (NaN/Inf) among {t.numel()}; "
+                "the adapter comes from a diverged or corrupted run"
+            )
+    return tensors
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
@@ -171,13 +230,13 @@ def load_adapter(
     config = read_adapter_config(directory)
     config.inference_mode = not trainable
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise ValueError(f"{weights_path}: adapter weights not found (only safetensors is read)")
-    tensors = load_file(str(weights_path))
+    tensors = read_adapter_tensors(weights_path)
 
     expected = expected_adapter_shapes(model, config)
     if not expected:
-        raise ValueError(f"{directory}: target_modules={config.target_modules!r} matched no Linear of the model")
+        raise AdapterError(
+            f"{directory / CONFIG_NAME}: target_modules={config.target_modules!r} matched no Linear of the model"
+        )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = [
@@ -193,7 +252,7 @@ def load_adapter(
     if misshaped:
         problems.append(f"wrong shapes {misshaped}")
     if problems:
-        raise ValueError(f"{weights_path} does not fit the model: " + "; ".join(problems))
+        raise AdapterError(f"{weights_path} does not fit the model: " + "; ".join(problems))
 
     add_lora(model, config=config, adapter_name=adapter_name)
     with torch.no_grad():

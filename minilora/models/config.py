@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,18 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "qwen2": {"rope_theta": 10000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
 }
+
+# Sizes that must be positive integers: zero or negative ones describe no model (a zero vocabulary, no layers).
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -106,13 +119,21 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read, for round trips
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ConfigError(f"rms_norm_eps={self.rms_norm_eps!r}: must be a positive finite number")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta={self.rope_theta!r}: must be a positive finite number")
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope type {self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+            raise ConfigError(f"rope type {self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
         if self.rotary_dim % 2 or self.rotary_dim == 0:
@@ -121,7 +142,7 @@ class ModelConfig:
                 f"{self.partial_rotary_factor}) = {self.rotary_dim} must be even and positive"
             )
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries, num_hidden_layers={self.num_hidden_layers}"
             )
 
@@ -167,18 +188,20 @@ class ModelConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not valid UTF-8 JSON: {e}") from e
         return cls.from_dict(data, source=path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-        """Build from a config.json dictionary; ``source`` names the file in error messages."""
+        """Build from a config.json dictionary; ``source`` names the file in error messages (ConfigError)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
         model_type = data.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         if model_type in FAMILY_DEFAULTS:
@@ -186,7 +209,7 @@ class ModelConfig:
         else:
             act = data.get("hidden_act", "silu")
             if act != "silu":
-                raise ValueError(f"{source}: hidden_act {act!r} is not supported (only 'silu', SwiGLU)")
+                raise ConfigError(f"{source}: hidden_act {act!r} is not supported (only 'silu', SwiGLU)")
             defaults = _FAMILY_DEFAULTS[model_type]
 
         def get(key: str, default: Any = None) -> Any:
@@ -205,8 +228,11 @@ class ModelConfig:
             if data.get(k) is None
         ]
         if missing:
-            raise ValueError(f"{source}: missing required key(s) {missing}")
-        hidden, heads = int(data["hidden_size"]), int(data["num_attention_heads"])
+            raise ConfigError(f"{source}: missing required key(s) {missing}")
+        try:
+            hidden, heads = int(data["hidden_size"]), int(data["num_attention_heads"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: hidden_size / num_attention_heads must be integers ({e})") from e
 
         rope_theta, rope_type, rope_scaling = _read_rope(data, defaults["rope_theta"], source)
 
@@ -240,7 +266,7 @@ class ModelConfig:
                 num_hidden_layers=int(data["num_hidden_layers"]),
                 num_attention_heads=heads,
                 num_key_value_heads=int(get("num_key_value_heads", heads)),
-                head_dim=int(data.get("head_dim") or defaults.get("head_dim") or hidden // heads),
+                head_dim=int(data.get("head_dim") or defaults.get("head_dim") or (hidden // heads if heads > 0 else 0)),
                 rms_norm_eps=float(get("rms_norm_eps")),
                 max_position_embeddings=int(get("max_position_embeddings")),
                 tie_word_embeddings=bool(data.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
@@ -260,8 +286,8 @@ class ModelConfig:
                 raw=dict(data),
                 **family,
             )
-        except ValueError as e:
-            raise type(e)(f"{source}: {e}") from e
+        except (TypeError, ValueError) as e:  # a size that is no number, or a check of __post_init__
+            raise ConfigError(f"{source}: {e}") from e
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict[str, Any]:
@@ -319,12 +345,15 @@ class ModelConfig:
             out["quantization_config"] = self.quantization_config
         return out
 
+    def to_json_bytes(self) -> bytes:
+        """config.json's content, UTF-8."""
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
     def to_json(self, path: str | os.PathLike) -> None:
         """Write config.json atomically."""
         from minilora.io.checkpoint import atomic_write_bytes
 
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(os.fspath(path), text.encode("utf-8"))
+        atomic_write_bytes(os.fspath(path), self.to_json_bytes())
 
 
 # Fields that only minilora.models.families sets; to_dict never writes them (transformers derives them).
@@ -348,7 +377,7 @@ def _read_rope(data: dict[str, Any], default_theta: float, source: str) -> tuple
     """Normalise v4 ``rope_theta``/``rope_scaling`` and v5 ``rope_parameters`` into (theta, type, extras)."""
     params = data.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
-        raise ValueError(f"{source}: rope_parameters must be an object, got {params!r}")
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r}")
     if params is not None and any(isinstance(v, dict) for v in params.values()):
         # Per layer type (Gemma-3): the global layers' entry is the model's RoPE; the sliding layers'
         # base is read by minilora.models.families (rope_local_theta).
@@ -357,7 +386,7 @@ def _read_rope(data: dict[str, Any], default_theta: float, source: str) -> tuple
         params = params.get("full_attention") or {}
     scaling = data.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
-        raise ValueError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
+        raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
     merged: dict[str, Any] = {}
     merged.update(scaling or {})
     merged.update(params or {})  # v5 spelling wins where both are present
@@ -366,14 +395,14 @@ def _read_rope(data: dict[str, Any], default_theta: float, source: str) -> tuple
     merged.pop("type", None)
     merged.pop("partial_rotary_factor", None)  # a head-split setting, read by minilora.models.families
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
     if rope_type in ("linear", "llama3") and "factor" not in merged:
-        raise ValueError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+        raise ConfigError(f"{source}: rope type {rope_type!r} needs a 'factor'")
     if rope_type == "llama3":
         merged.setdefault("original_max_position_embeddings", data.get("max_position_embeddings"))
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if merged.get(key) is None:
-                raise ValueError(f"{source}: rope type 'llama3' needs {key!r}")
+                raise ConfigError(f"{source}: rope type 'llama3' needs {key!r}")
     if rope_type == "longrope":
         # Phi-3 keeps the pre-training context outside rope_scaling; that one wins (as in transformers).
         original = data.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")

@@ -32,10 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minilora.errors import QuantStateError
+
 from ..kernels.dispatch import reference_forced, triton_available
 from . import compiled, cuda_rounding
 from .codebooks import get_code, get_code_on
-from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState
+from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState, check_state_fits
 
 # Work on at most this many elements at once: a chunk's float32 scratch is 4 MB, so quantizing or
 # dequantizing a weight needs little memory beyond the weight and its packed codes. (Much smaller chunks
@@ -57,8 +59,12 @@ def _check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None 
     if absmax is not None and bool(torch.isfinite(absmax).all()):
         return
     if not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x.reshape(-1))).nonzero()[0, 0].item()
-        raise ValueError(f"{what}: tensor holds NaN or Inf (first at flat index {bad}: {x.reshape(-1)[bad].item()})")
+        mask = ~torch.isfinite(x.reshape(-1))
+        bad = mask.nonzero()[0, 0].item()
+        raise ValueError(
+            f"{what}: tensor holds NaN or Inf ({int(mask.sum())} of {x.numel()} values; "
+            f"first at flat index {bad}: {x.reshape(-1)[bad].item()})"
+        )
 
 
 def _sorted_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +220,11 @@ def quantize_4bit(
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
     """The float32 absmax of every block, undoing double quantization when it was applied."""
+    if state.absmax.numel() != state.n_blocks:
+        raise QuantStateError(
+            f"dequantize_absmax: absmax has {state.absmax.numel()} values, shape {list(state.shape)} in blocks of "
+            f"{state.blocksize} needs {state.n_blocks}"
+        )
     if state.state2 is None:
         return state.absmax.float()
     assert state.offset is not None, "double-quantized state without offset"
@@ -277,10 +288,7 @@ def dequantize_4bit(
     (or MINILORA_REFERENCE=1) runs the loop below everywhere.
     """
     n, blocksize = state.numel, state.blocksize
-    if packed.numel() * 2 < n:
-        raise ValueError(
-            f"packed tensor has {packed.numel()} bytes, but shape {list(state.shape)} needs {(n + 1) // 2}"
-        )
+    check_state_fits(packed, state)  # sizes only (no data read, no device sync): a few microseconds
     if out is not None:
         dtype = _check_out(out, n, dtype, packed.device)
     dtype = dtype or state.dtype
@@ -386,6 +394,11 @@ def dequantize_blockwise_8bit(
     """code[q] * absmax[block], float32 (flat). Without padding or reshapes, so torch.compile can fuse it into
     the kernel that uses it (compiled.py decodes double-quantized absmax this way inside its dequantize loop)."""
     q = q.reshape(-1)
+    if not torch.compiler.is_compiling() and absmax.numel() != -(-q.numel() // blocksize):
+        raise QuantStateError(
+            f"dequantize_blockwise_8bit: {absmax.numel()} absmax values for {q.numel()} codes in blocks of "
+            f"{blocksize}; {-(-q.numel() // blocksize)} needed"
+        )
     return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
 
 
@@ -398,6 +411,14 @@ def double_quantize(state: QuantState, nested_blocksize: int = 256, rounding: st
     """
     assert state.state2 is None, "state is already double quantized"
     offset = state.absmax.mean()
+    if not bool(torch.isfinite(offset)):
+        # Weights near float32's limit (|x| ~ 1e38) are finite, but the mean of their absmax overflows; the
+        # 8-bit quantizer would then index its table with NaN. bitsandbytes computes the same float32 mean.
+        raise ValueError(
+            f"double quantization: the mean of the block absmax overflows float32 (largest absmax "
+            f"{state.absmax.max().item():.4g}); weights this large cannot be double-quantized: "
+            "use compress_statistics=False (--no-double-quant), or rescale the weights"
+        )
     code8 = get_code_on("dynamic", state.absmax.device)
     # bitsandbytes rounds the nested codes differently on each device: its CPU kernel through a 65536-point
     # grid, its CUDA kernel by a binary search. Follow the kernel of the device the tensor is on.

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.errors import QuantStateError
+
 from ..kernels.dispatch import use_fast_path
 from . import workspace
 from .blockwise import dequantize_4bit, quantize_4bit
@@ -132,12 +134,12 @@ class Linear4bit(_BnbStateDict):
         """Build from the keys transformers + bitsandbytes save for module `prefix` (ending in '.')."""
         where = prefix.rstrip(".") or "Linear4bit"
         if prefix + "weight" not in tensors:
-            raise ValueError(f"{where}: missing key {prefix}weight")
+            raise QuantStateError(f"{where}: missing key {prefix}weight")
         packed = tensors[prefix + "weight"]
         items = {k[len(prefix + "weight.") :]: v for k, v in tensors.items() if k.startswith(prefix + "weight.")}
         state = QuantState.from_dict(items, where=where)
         if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
-            raise ValueError(
+            raise QuantStateError(
                 f"{where}: {prefix}weight is {tuple(packed.shape)} {packed.dtype}, but its quant state "
                 f"(shape {list(state.shape)}) needs ({(state.numel + 1) // 2}, 1) uint8"
             )
@@ -301,10 +303,10 @@ class Linear8bit(_BnbStateDict):
         where = prefix.rstrip(".") or "Linear8bit"
         missing = [prefix + k for k in ("weight", "SCB") if prefix + k not in tensors]
         if missing:
-            raise ValueError(f"{where}: missing keys {missing}")
+            raise QuantStateError(f"{where}: missing keys {missing}")
         cb, scb = tensors[prefix + "weight"], tensors[prefix + "SCB"]
         if cb.dtype != torch.int8 or cb.dim() != 2 or scb.shape != (cb.shape[0],):
-            raise ValueError(
+            raise QuantStateError(
                 f"{where}: weight {tuple(cb.shape)} {cb.dtype} with SCB {tuple(scb.shape)} is not an int8 "
                 "[out, in] weight with one scale per row"
             )

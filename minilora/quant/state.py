@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minilora.errors import QuantStateError
+
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,7 +33,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_from_name(name: str, where: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{where}: unknown dtype {name!r}")
+        raise QuantStateError(f"{where}: unknown dtype {name!r}")
     return dtype
 
 
@@ -134,53 +136,53 @@ class QuantState:
         """Read the keys `as_dict(packed=True)` writes (prefixes already stripped up to `weight.`).
 
         `where` names the module in error messages. Every missing key, unknown quant type or shape that
-        disagrees with the JSON raises ValueError naming it.
+        disagrees with the JSON raises QuantStateError (a ValueError) naming it.
         """
         blob_keys = [k for k in items if k.startswith("quant_state.bitsandbytes__")]
         if len(blob_keys) != 1:
-            raise ValueError(
+            raise QuantStateError(
                 f"{where}: expected exactly one 'quant_state.bitsandbytes__nf4|fp4' entry, found {blob_keys}"
             )
         try:
             meta = json.loads(bytes(items[blob_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{where}: {blob_keys[0]} is not UTF-8 JSON ({err})") from err
+            raise QuantStateError(f"{where}: {blob_keys[0]} is not UTF-8 JSON ({err})") from err
         for key in ("quant_type", "blocksize", "dtype", "shape"):
             if key not in meta:
-                raise ValueError(f"{where}: {blob_keys[0]} lacks {key!r}")
+                raise QuantStateError(f"{where}: {blob_keys[0]} lacks {key!r}")
         quant_type = meta["quant_type"]
         if quant_type not in QUANT_TYPES or blob_keys[0] != f"quant_state.bitsandbytes__{quant_type}":
-            raise ValueError(f"{where}: quant_type {quant_type!r} (key {blob_keys[0]}) is not nf4 or fp4")
+            raise QuantStateError(f"{where}: quant_type {quant_type!r} (key {blob_keys[0]}) is not nf4 or fp4")
         blocksize = int(meta["blocksize"])
         if blocksize not in VALID_BLOCKSIZES:
-            raise ValueError(f"{where}: blocksize {blocksize} not in {VALID_BLOCKSIZES}")
+            raise QuantStateError(f"{where}: blocksize {blocksize} not in {VALID_BLOCKSIZES}")
         shape = torch.Size(meta["shape"])
         nested = "nested_offset" in meta
         required = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if nested else [])
         missing = [k for k in required if k not in items]
         if missing:
-            raise ValueError(f"{where}: missing {missing}")
+            raise QuantStateError(f"{where}: missing {missing}")
         n_blocks = -(-math.prod(shape) // blocksize)
         absmax, code = items["absmax"], items["quant_map"]
         expect_absmax_dtype = torch.uint8 if nested else torch.float32
         if absmax.shape != (n_blocks,) or absmax.dtype != expect_absmax_dtype:
-            raise ValueError(
+            raise QuantStateError(
                 f"{where}: absmax is {tuple(absmax.shape)} {absmax.dtype}, but shape {list(shape)} with "
                 f"blocksize {blocksize} needs ({n_blocks},) {expect_absmax_dtype}"
             )
         if code.shape != (16,):
-            raise ValueError(f"{where}: quant_map has shape {tuple(code.shape)}, expected (16,)")
+            raise QuantStateError(f"{where}: quant_map has shape {tuple(code.shape)}, expected (16,)")
         state2, offset = None, None
         if nested:
             nested_blocksize = int(meta.get("nested_blocksize", 256))
             nested_absmax = items["nested_absmax"]
             n_nested = -(-n_blocks // nested_blocksize)
             if nested_absmax.shape != (n_nested,):
-                raise ValueError(
+                raise QuantStateError(
                     f"{where}: nested_absmax has shape {tuple(nested_absmax.shape)}, expected ({n_nested},)"
                 )
             if items["nested_quant_map"].shape != (256,):
-                raise ValueError(f"{where}: nested_quant_map must have shape (256,)")
+                raise QuantStateError(f"{where}: nested_quant_map must have shape (256,)")
             state2 = NestedState(
                 nested_absmax.float(),
                 items["nested_quant_map"].float(),
@@ -198,3 +200,34 @@ class QuantState:
             offset=offset,
             state2=state2,
         )
+
+
+def check_state_fits(packed: torch.Tensor, state: QuantState, where: str = "dequantize_4bit") -> None:
+    """QuantStateError unless `state` describes exactly the codes in `packed` (sizes only: no data is read).
+
+    A state of another shape would otherwise decode a part of the codes, or read past them, without a word.
+    """
+    n = state.numel
+    problems = []
+    # Codes padded up to the end of the last block (a buffer filled block by block) are accepted; more or
+    # fewer bytes mean the state belongs to other codes.
+    least, most = (n + 1) // 2, -(-state.n_blocks * state.blocksize // 2)
+    if not least <= packed.numel() <= most:
+        problems.append(f"the codes hold {packed.numel()} bytes, its shape {list(state.shape)} needs {least}")
+    if state.absmax.numel() != state.n_blocks:
+        problems.append(
+            f"absmax has {state.absmax.numel()} values, shape {list(state.shape)} in blocks of {state.blocksize} "
+            f"needs {state.n_blocks}"
+        )
+    if state.code.numel() != 16:
+        problems.append(f"the code table has {state.code.numel()} values, not 16")
+    if state.state2 is not None:
+        n_nested = -(-state.n_blocks // state.state2.blocksize)
+        if state.state2.absmax.numel() != n_nested:
+            problems.append(f"nested_absmax has {state.state2.absmax.numel()} values, {n_nested} needed")
+        if state.state2.code.numel() != 256:
+            problems.append(f"the nested code table has {state.state2.code.numel()} values, not 256")
+        if state.offset is None:
+            problems.append("a double-quantized state without its offset")
+    if problems:
+        raise QuantStateError(f"{where}: the quant state does not fit the codes: " + "; ".join(problems))

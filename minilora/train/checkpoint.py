@@ -20,8 +20,10 @@ unpickles tensors and plain containers only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,6 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from minilora.errors import AdapterError, CheckpointError
+from minilora.io.safe_write import readable_disk_errors
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -49,6 +54,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save + fsync; a write failure (a full disk, which torch reports as a bare RuntimeError of its zip
+    writer) becomes an OSError naming the file."""
+    with readable_disk_errors(path):
+        try:
+            torch.save(obj, path)
+        except RuntimeError as e:
+            if "writ" not in str(e):  # "failed writing file", "file write failed"
+                raise
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(
+                errno.ENOSPC if free < (64 << 20) else errno.EIO,
+                f"could not write {path} ({free / 1e6:.0f} MB free on its device: {str(e).splitlines()[0]})",
+                str(path),
+            ) from e
+    _fsync_file(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -153,8 +176,7 @@ def save_checkpoint(
             ("scheduler.pt", scheduler.state_dict()),
             ("rng.pt", {**rng_state(), **(extra_rng or {})}),
         ):
-            torch.save(obj, tmp / name)
-            _fsync_file(tmp / name)
+            _torch_save(obj, tmp / name)
         state_path = tmp / STATE_NAME
         state_path.write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n", encoding="utf-8")
         _fsync_file(state_path)  # written last: its presence marks the checkpoint complete
@@ -180,26 +202,39 @@ def save_checkpoint(
 def load_checkpoint_state(ckpt: CheckpointPaths) -> dict[str, Any]:
     """The trainer state, optimizer, scheduler and RNG states of a checkpoint (the adapter is read apart)."""
     d = ckpt.directory
+    path = d / STATE_NAME
     try:
-        state = json.loads((d / STATE_NAME).read_text(encoding="utf-8"))
-        return {
-            "trainer_state": state,
-            "optimizer": torch.load(d / "optimizer.pt", weights_only=True),
-            "scheduler": torch.load(d / "scheduler.pt", weights_only=True),
-            "rng": torch.load(d / "rng.pt", weights_only=True),
-        }
-    except (OSError, json.JSONDecodeError, RuntimeError) as e:
-        raise ValueError(f"{d}: unreadable checkpoint ({e})") from e
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable trainer state ({e}); resume from another checkpoint") from e
+    out: dict[str, Any] = {"trainer_state": state}
+    for key, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("rng", "rng.pt")):
+        path = d / name
+        try:
+            out[key] = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only refused an object: never unpickle it
+            raise CheckpointError(
+                f"{path}: refused to unpickle it (it holds objects other than tensors and plain containers, "
+                f"which could run code: {str(e).splitlines()[0]}); minilora did not write this file"
+            ) from e
+        except (OSError, EOFError, RuntimeError) as e:  # truncated or corrupted zip
+            raise CheckpointError(
+                f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): truncated or "
+                f"corrupted; delete {d} to resume from the checkpoint before it"
+            ) from e
+    return out
 
 
 def load_adapter_weights_into(model: torch.nn.Module, adapter_dir: Path) -> None:
     """Copy a saved adapter's tensors into the model's existing LoRA layers (same keys, same shapes)."""
-    from safetensors.torch import load_file
-
     from minilora.lora import adapter_state_dict
+    from minilora.lora.peft_io import read_adapter_tensors
 
     path = adapter_dir / "adapter_model.safetensors"
-    saved = load_file(str(path))
+    try:
+        saved = read_adapter_tensors(path)  # readable, floating point, finite
+    except AdapterError as e:
+        raise CheckpointError(f"resume checkpoint {adapter_dir.parent}: {e}") from e
     current = adapter_state_dict(model)
     if set(saved) != set(current):
         missing = sorted(set(current) - set(saved))[:3]
