@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -47,8 +48,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write adapter `adapter_name` (default: the active one) as peft would; returns the directory."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapter `adapter_name` (default: the active one) as peft would; returns the directory.
+
+    base_model_name_or_path (a directory or hub id; default: the adapter config's, else the model's
+    ``config.name_or_path``) is what ``PeftModel.from_pretrained`` users load the base from.
+    """
     configs = _configs(model)
     layers = lora_layers(model)
     if not layers or not configs:
@@ -57,6 +67,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}")
     config = configs[name]
+    if base_model_name_or_path is not None:
+        config.base_model_name_or_path = base_model_name_or_path
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in adapter_state_dict(model, name).items()}
@@ -69,6 +81,40 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     text = json.dumps(data, indent=2, sort_keys=True)
     atomic_write_bytes(directory / CONFIG_NAME, text.encode("utf-8"))
     return directory
+
+
+def write_model_card(
+    directory: str | os.PathLike,
+    base_model: str | None,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    title: str = "LoRA adapter trained with minilora",
+) -> Path:
+    """README.md beside the adapter, as the hub shows it: peft's front matter (base_model, library_name)
+    then the training configuration and the final metrics, and how to load it."""
+    lines = ["---"] + ([f"base_model: {json.dumps(base_model)}"] if base_model else [])
+    lines += ["library_name: peft", "tags:", "- lora", "- minilora", "---", ""]
+    lines += [f"# {title}", ""]
+    if base_model:
+        lines += [f"Base model: `{base_model}`.", ""]
+    lines += ["## Training configuration", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v, default=str)}` |" for k, v in training.items()]
+    lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+    ]
+    lines += ["", f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base_model or 'BASE')})"]
+    lines += ['model = PeftModel.from_pretrained(base, "path/to/this/adapter")', "```", ""]
+    lines += ['or `minilora generate BASE --adapter path/to/this/adapter "PROMPT"`.', ""]
+    path = Path(directory) / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    return path
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
