@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minilora.train.datasets import Columns, build_examples, data_sha256, read_rows, split_eval
+from minilora.train.datasets import Columns, build_examples, check_rows, data_sha256, read_rows, split_eval
 
 
 def base_reference(ref: str, model_dir: Path) -> str:
@@ -54,6 +54,9 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
     # 1. the data, before any model
     rows = read_rows(args.data)
     eval_rows = read_rows(args.eval_data) if args.eval_data else []
+    for checked in (rows, eval_rows):
+        if checked:
+            check_rows(checked, _columns(args))
     if args.eval_split and not args.eval_data:
         rows, eval_rows = split_eval(rows, args.eval_split, args.seed)
     data_files = [args.data] + ([args.eval_data] if args.eval_data else [])

@@ -210,7 +210,7 @@ def detect_format(row: Row, columns: Columns = Columns()) -> str:
 
 def _string_field(row: Row, key: str, allow_empty: bool = True) -> str:
     if key not in row.data:
-        raise DatasetError(f"{row.where}: missing field {key!r} (found {sorted(row.data)})")
+        raise DatasetError(f"{row.where}: missing field(s) [{key!r}] (found {sorted(row.data)})")
     value = row.data[key]
     if not isinstance(value, str):
         raise DatasetError(f"{row.where}: field {key!r} must be a string, got {type(value).__name__}")
@@ -238,6 +238,23 @@ def _messages(row: Row, key: str) -> list[dict[str, Any]]:
                 f"(got {type(content).__name__})"
             )
     return value
+
+
+def check_rows(rows: Sequence[Row], columns: Columns = Columns()) -> str:
+    """Check every record's shape and fields without a tokenizer (so a bad file fails before any model
+    loads); returns the format they share."""
+    fmt = detect_format(rows[0], columns)
+    for row in rows:
+        if detect_format(row, columns) != fmt:
+            raise DatasetError(f"{row.where}: a {detect_format(row, columns)} record in a file of {fmt} records")
+        if fmt == "messages":
+            _messages(row, columns.messages)
+        elif fmt == "text":
+            _string_field(row, columns.text, allow_empty=False)
+        else:
+            _string_field(row, columns.prompt)
+            _string_field(row, columns.completion, allow_empty=False)
+    return fmt
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -324,12 +341,10 @@ def build_examples(
     """
     if loss_on not in LOSS_ON:
         raise DatasetError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-    fmt = detect_format(rows[0], columns)
+    fmt = check_rows(rows, columns)
     summary = DataSummary(source, fmt, "all" if fmt == "text" else loss_on, records=len(rows))
     examples = []
     for row in rows:
-        if detect_format(row, columns) != fmt:
-            raise DatasetError(f"{row.where}: a {detect_format(row, columns)} record in a file of {fmt} records")
         reason = None
         try:
             example, cut = _example(row, fmt, tokenizer, loss_on, max_length, columns)

@@ -46,7 +46,7 @@ def test_bad_files_name_file_and_line(tmp_path: Path, name: str, content: str | 
         ([{"text": "ok"}, {"txt": "typo"}], r"x\.jsonl:2: no 'messages', 'prompt'/'completion' or 'text' field"),
         ([{"text": "ok"}, {"prompt": "p", "completion": "c"}], r"x\.jsonl:2: a prompt_completion record in a file"),
         ([{"prompt": "p", "completion": ""}], r"x\.jsonl:1: field 'completion' is empty"),
-        ([{"prompt": "p"}], r"x\.jsonl:1: missing field 'completion'"),
+        ([{"prompt": "p"}], r"x\.jsonl:1: missing field\(s\) \['completion'\]"),
         ([{"text": 3}], r"x\.jsonl:1: field 'text' must be a string, got int"),
         ([{"messages": "hi"}], r"x\.jsonl:1: field 'messages' is not a JSON list"),
         ([{"messages": [{"role": "user"}]}], r"x\.jsonl:1: messages\[0\] \(role 'user'\) needs a string 'content'"),
