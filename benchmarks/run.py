@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUITES = ("quant", "quality", "speed", "loading", "generate")
+SUITES = ("quant", "quality", "speed", "loading", "generate", "train_memory")
 DEVICES = ("cpu", "cuda")
 RESULTS = Path(__file__).resolve().parent / "results"
 
