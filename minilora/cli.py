@@ -174,9 +174,25 @@ def cmd_footprint(args: argparse.Namespace) -> None:
         raise CLIError(f"footprint is not available: minilora.memory could not be imported ({e})") from e
     target = args.model
     path = Path(target)
-    if not (path.is_dir() or path.is_file()):
+    if not (path.is_dir() or path.is_file()) and (target in ("default", "") or target.endswith(".gguf")):
         target = str(_model_dir(target))
-    _echo(footprint_report(target))
+    if not args.train:
+        _echo(footprint_report(target))
+        return
+    import torch
+
+    from minilora.memory_train import TrainSetup, expand_targets, train_footprint_report
+
+    setup = TrainSetup(
+        r=args.r,
+        targets=expand_targets(args.targets),
+        batch=args.batch,
+        seq=args.seq,
+        gradient_checkpointing=args.gradient_checkpointing,
+        quantize=args.quantize,
+        dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
+    )
+    _echo(train_footprint_report(target, setup))
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
@@ -363,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the footprint table of minilora.memory.footprint_report for a model or config.json.",
     )
     p.add_argument("model", help="model directory, config.json, hub id, .gguf file or 'default'")
+    p.add_argument("--train", action="store_true", help="the peak of a (Q)LoRA training step, per item")
+    p.add_argument("--r", type=int, default=32, help="with --train: LoRA rank (default 32)")
+    p.add_argument("--targets", default="q,k,v,o", help="with --train: q,k,v,o,gate,up,down or all (default q,k,v,o)")
+    p.add_argument("--batch", type=int, default=4, help="with --train: sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=182, help="with --train: tokens per sequence (default 182)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="with --train: recompute layers")
+    p.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "none"), help="with --train: base format")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="with --train: compute dtype")
     p.set_defaults(func=cmd_footprint)
 
     p = sub.add_parser(

@@ -16,7 +16,8 @@ rank, these targets, this batch and length, does a step fit?". A step's peak hol
 Activations are not guessed from a formula: minilora's own decoder is built on the meta device (shapes,
 no memory), quantized with meta quant state, given its LoRA adapters, and run forward under
 ``torch.autograd.graph.saved_tensors_hooks``; every distinct storage autograd saves that is not a
-parameter or buffer is counted. With gradient checkpointing, a layer saves only its input (held by the
+parameter or buffer is counted (attention as the fused kernels save it: q, k, v, output, logsumexp).
+With gradient checkpointing, a layer saves only its input (held by the
 checkpoint) and one layer's activations come back during its backward. The estimate assumes the model's
 float dtype is its compute dtype (no autocast), as minilora runs on the CPU (float32) and as
 benchmarks/gpu/train_memory.py runs the GPU (bfloat16 weights, bfloat16 compute).
@@ -120,8 +121,34 @@ def meta_training_model(config: ModelConfig, setup: TrainSetup) -> nn.Module:
     return model.train()
 
 
-def _saved_bytes(fn, exclude: set[int]) -> tuple[int, object]:  # noqa: ANN001
-    """(bytes of the distinct storages autograd saves while ``fn()`` runs, minus ``exclude``; fn's result)."""
+class _FlashAttentionProfile(torch.autograd.Function):
+    """Stands in for F.scaled_dot_product_attention in the meta trace with what the fused kernels (flash /
+    memory-efficient, on CUDA and CPU) save: q, k, v, the output and a float32 logsumexp per row, never the
+    T x T attention matrix that the meta device's reference decomposition would save."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, nh, T, _ = q.shape
+        out = q.new_empty(B, T, nh, v.shape[-1]).transpose(1, 2)  # (B, nh, T, hd), laid out (B, T, nh, hd) as theirs
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, nh, T)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return _FlashAttentionProfile.apply(q, k, v)
+
+
+def saved_bytes(fn, exclude: set[int], fused_attention: bool = True) -> tuple[int, object]:  # noqa: ANN001
+    """(bytes of the distinct storages autograd saves while ``fn()`` runs, minus ``exclude``; fn's result).
+
+    Works on real tensors as on meta ones; ``fused_attention`` replaces SDPA by :class:`_FlashAttentionProfile`.
+    """
     seen: dict[int, tuple[int, torch.Tensor]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -131,8 +158,14 @@ def _saved_bytes(fn, exclude: set[int]) -> tuple[int, object]:  # noqa: ANN001
             seen[key] = (storage.nbytes(), t)  # the tensor is kept so its storage's address stays unique
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if fused_attention:
+        torch.nn.functional.scaled_dot_product_attention = _fused_sdpa  # the models call it through F.<name>
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = fn()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
     return sum(n for n, _ in seen.values()), result
 
 
@@ -161,9 +194,9 @@ def train_footprint(
     ids = torch.zeros(B, T, dtype=torch.long, device="meta")
     cos_sin = model.model.rotary_emb(torch.arange(T, device="meta").expand(B, T), setup.dtype)
     x = torch.empty(B, T, C, dtype=setup.dtype, device="meta", requires_grad=True)
-    per_layer, _ = _saved_bytes(lambda: model.model.layers[0](x, *cos_sin, None), exclude)
+    per_layer, _ = saved_bytes(lambda: model.model.layers[0](x, *cos_sin, None), exclude)
     model.model.gradient_checkpointing = False
-    decoder, hidden = _saved_bytes(lambda: model.model(ids), exclude)
+    decoder, hidden = saved_bytes(lambda: model.model(ids), exclude)
     n = B * (T - 1)
 
     def head() -> torch.Tensor:
@@ -171,7 +204,7 @@ def train_footprint(
         logits = model.lm_head(h).float()  # (N, V)
         return torch.nn.functional.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device="meta"))
 
-    head_saved, _ = _saved_bytes(head, exclude)
+    head_saved, _ = saved_bytes(head, exclude)
     layers = config.num_hidden_layers
     fp.items["weights"] = weights
     fp.items["quant state"] = state
