@@ -194,7 +194,8 @@ def train_footprint(
     ids = torch.zeros(B, T, dtype=torch.long, device="meta")
     cos_sin = model.model.rotary_emb(torch.arange(T, device="meta").expand(B, T), setup.dtype)
     x = torch.empty(B, T, C, dtype=setup.dtype, device="meta", requires_grad=True)
-    per_layer, _ = saved_bytes(lambda: model.model.layers[0](x, *cos_sin, None), exclude)
+    shared = {t.untyped_storage()._cdata for t in cos_sin}  # RoPE tables: one pair serves every layer
+    per_layer, _ = saved_bytes(lambda: model.model.layers[0](x, *cos_sin, None), exclude | shared)
     model.model.gradient_checkpointing = False
     decoder, hidden = saved_bytes(lambda: model.model(ids), exclude)
     n = B * (T - 1)
