@@ -47,6 +47,10 @@ EXPECTED = {
         "columns": ["minilora ms", "transformers ms", "minilora tokens/s", "same ids from the start"],
         "keys": ["generate", "shared_prefix", "first_token_s", "new_ids"],
     },
+    "train_memory": {
+        "columns": ["estimated growth MB", "measured growth MB (malloc trimmed)", "verdict"],
+        "keys": ["cases", "estimate_items", "relative_error"],
+    },
 }
 
 
@@ -54,8 +58,9 @@ EXPECTED = {
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_smoke(suite: str, tmp_path: Path) -> None:
     assert main([suite, "--smoke", "--out", str(tmp_path)]) == 0
-    md = (tmp_path / f"{suite}-cpu.md").read_text()
-    record = json.loads((tmp_path / f"{suite}-cpu.json").read_text())
+    stem = suite.replace("_", "-")  # train_memory writes train-memory-cpu.*
+    md = (tmp_path / f"{stem}-cpu.md").read_text()
+    record = json.loads((tmp_path / f"{stem}-cpu.json").read_text())
     for column in EXPECTED[suite]["columns"]:
         assert column in md, column
     for key in EXPECTED[suite]["keys"]:
