@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SUITES = ("quant", "quality", "speed", "loading", "generate", "tokenizers")
+SUITES = ("quant", "quality", "speed", "loading", "generate", "tokenizers", "train_memory")
 DEVICES = ("cpu", "cuda")
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,6 +31,7 @@ logger = logging.getLogger("minilora")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 ATTN = "q_proj,k_proj,v_proj,o_proj"
+ALL7 = ATTN + ",gate_proj,up_proj,down_proj"
 
 
 def _echo(text: str) -> None:
@@ -106,74 +107,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    import torch
+    from minilora.finetune import run_finetune
 
-    from minilora.io.tokenizer import Tokenizer
-    from minilora.loading import from_pretrained
-    from minilora.lora import add_lora, trainable_parameters_report
-    from minilora.train.data import load_jsonl, tokenize_records
-    from minilora.train.loop import TrainConfig, seed_everything, train
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.cuda_graph and not device.startswith("cuda"):
-        raise ValueError(f"--cuda-graph needs a CUDA device (--device is {device})")
-    records = load_jsonl(args.data)  # read the data first: a bad file fails before the model loads
-    eval_records = load_jsonl(args.eval_data) if args.eval_data else None
-    model_dir = _model_dir(args.model)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    compute_dtype = torch.bfloat16 if args.bf16 == "yes" else None
-    model = from_pretrained(
-        model_dir, quantize=_quantize_arg(args.quantize), compute_dtype=compute_dtype, device=device
-    )
-    overflow = "skip" if args.skip_long else "error"
-    data = tokenize_records(records, tokenizer, args.max_length, overflow=overflow, source=str(args.data))
-    eval_data = (
-        tokenize_records(eval_records, tokenizer, args.max_length, overflow=overflow, source=str(args.eval_data))
-        if eval_records
-        else None
-    )
-    if data.skipped:
-        _echo(f"skipped {data.skipped} records whose completion exceeds --max-length {args.max_length}")
-    seed_everything(args.seed)
-    add_lora(model, r=args.r, alpha=args.alpha, target_modules=_targets(args.targets), dropout=args.dropout)
-    _echo(trainable_parameters_report(model))
-    config = TrainConfig(
-        output_dir=args.out,
-        max_steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16,
-        cache_base_weights=args.cache_base_weights,
-        fast=not args.no_fast,
-        cuda_graph=True if args.cuda_graph else None,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        keep_last=args.keep_last,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    examples = data.examples
-    if args.pack:
-        from minilora.train.data import pack_examples
-
-        examples = pack_examples(examples, args.max_length)
-    logging.getLogger("minilora.train.loop").setLevel(logging.INFO)  # the line that names the training path
-    result = train(model, examples, config, eval_data.examples if eval_data else None, pad, resume=args.resume)
-    if result.adapter_dir is not None:
-        result.adapter_dir.joinpath("README.md").write_text(
-            f"LoRA adapter trained by minilora on {args.data} from base model {model_dir}\n", encoding="utf-8"
-        )
+    result = run_finetune(args, _echo, _model_dir)
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     _echo(f"trained {result.steps} steps{resumed}: final loss {result.final_loss:.4f}{eval_part}")
-    _echo(f"adapter (PEFT format): {result.adapter_dir}")
+    _echo(f"adapter (PEFT format, README model card): {result.adapter_dir}")
     _echo(f"metrics: {result.metrics_path}" + (f"   loss curve: {result.plot_path}" if result.plot_path else ""))
 
 
@@ -293,9 +233,25 @@ def cmd_footprint(args: argparse.Namespace) -> None:
         raise CLIError(f"footprint is not available: minilora.memory could not be imported ({e})") from e
     target = args.model
     path = Path(target)
-    if not (path.is_dir() or path.is_file()):
+    if not (path.is_dir() or path.is_file()) and (target in ("default", "") or target.endswith(".gguf")):
         target = str(_model_dir(target))
-    _echo(footprint_report(target))
+    if not args.train:
+        _echo(footprint_report(target))
+        return
+    import torch
+
+    from minilora.memory_train import TrainSetup, expand_targets, train_footprint_report
+
+    setup = TrainSetup(
+        r=args.r,
+        targets=expand_targets(args.targets),
+        batch=args.batch,
+        seq=args.seq,
+        gradient_checkpointing=args.gradient_checkpointing,
+        quantize=args.quantize,
+        dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
+    )
+    _echo(train_footprint_report(target, setup))
 
 
 def cmd_bench(args: argparse.Namespace) -> int | None:
@@ -315,6 +271,42 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+EXAMPLES = {
+    "demo": "minilora demo --steps 150 --no-progress\n  minilora demo --smoke",
+    "generate": 'minilora generate default --max-new-tokens 12 "The capital of France is"\n  '
+    'minilora generate default --adapter runs/chat/adapter --chat "How do I boil an egg?"',
+    "merge": "minilora merge default runs/chat/adapter --out merged/",
+    "footprint": "minilora footprint meta-llama/Llama-3.1-8B\n  "
+    "minilora footprint config.json --train --r 32 --targets q,k,v,o --batch 4 --seq 182 --gradient-checkpointing",
+    "quantize": "minilora quantize default --out smollm2-nf4/ --type nf4",
+    "bench": "minilora bench quant --smoke",
+}
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser taking options and positionals in any order (``generate MODEL --max-new-tokens
+    12 "PROMPT"``), as argparse's ``parse_intermixed_args``; a parser with a REMAINDER (bench) parses as usual."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        if self._inside or any(a.nargs == argparse.REMAINDER for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def _add_examples(sub: argparse._SubParsersAction) -> None:
+    """An "example:" section at the end of every command's --help."""
+    for name, p in sub.choices.items():
+        if name in EXAMPLES and not p.epilog:
+            p.epilog = "example:\n  " + EXAMPLES[name]
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora",
@@ -323,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
 
     p = sub.add_parser(
         "demo",
@@ -352,30 +344,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="train a LoRA/QLoRA adapter on a prompt/completion JSONL file",
-        description="Fine-tune MODEL on --data (JSON Lines with 'prompt' and 'completion'; loss on the "
-        "completion only) and write a PEFT adapter to OUT/adapter, with metrics.jsonl, loss_curve.png and "
-        "atomic checkpoints under OUT/checkpoints (continue a killed run with --resume).",
+        help="train a LoRA/QLoRA adapter on your data (JSONL/JSON/CSV: prompt/completion, text or messages)",
+        description="Fine-tune MODEL on --data and write a PEFT adapter (with base_model_name_or_path and a "
+        "README model card) to OUT/adapter, with run.json, metrics.jsonl, loss_curve.png and atomic "
+        "checkpoints under OUT/checkpoints. Records are {prompt, completion} (loss on the completion), "
+        "{text} (loss on every token) or {messages: [{role, content}, ...]} rendered with the model's chat "
+        "template (loss on the assistant turns). Defaults are the demo's proven settings. --resume continues "
+        "only the same run (same configuration and data); --allow-changes lets it continue with changes.",
+        epilog="example:\n  minilora finetune default --data chats.jsonl --out runs/chat --eval-split 0.05 "
+        "--steps 150\n  minilora finetune default --data chats.jsonl --out runs/chat --steps 300 --resume "
+        "--allow-changes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model directory, hub id, .gguf file or 'default'")
-    p.add_argument("--data", required=True, help="training JSONL file")
-    p.add_argument("--eval-data", help="evaluation JSONL file (eval loss)")
-    p.add_argument("--out", default="runs/finetune", help="output directory (default: runs/finetune)")
+    p.add_argument("--data", required=True, help="training data: .jsonl, .json (array) or .csv")
+    p.add_argument("--eval-data", help="evaluation data file (eval loss)")
+    p.add_argument("--eval-split", type=float, default=0.0, help="hold out this share of --data (e.g. 0.05)")
+    p.add_argument(
+        "--loss-on",
+        default="assistant",
+        choices=("assistant", "completion", "all"),
+        help="learned tokens: assistant turns (default), the completion / last turn only, or all",
+    )
+    p.add_argument("--prompt-field", default="prompt", help="name of the prompt field/column")
+    p.add_argument("--completion-field", default="completion", help="name of the completion field/column")
+    p.add_argument("--text-field", default="text", help="name of the text field/column")
+    p.add_argument("--messages-field", default="messages", help="name of the chat messages field/column")
+    p.add_argument("--out", default="runs/finetune", help="run directory (default: runs/finetune)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "int8", "none"), help="base quantization")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--targets", default=ATTN, help=f"comma-separated modules or all-linear (default {ATTN})")
+    p.add_argument("--r", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha (default 64)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--targets", default=ALL7, help="comma-separated modules or all-linear (default: all seven)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (default 0: use --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this share of --lr")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (prompt cut from the left)")
-    p.add_argument("--skip-long", action="store_true", help="skip (and count) records whose completion is too long")
+    p.add_argument("--skip-long", action="store_true", help="skip (and count) records that cannot fit")
     p.add_argument("--pack", action="store_true", help="pack several examples per row of --max-length")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
     p.add_argument("--bf16", default="auto", choices=("auto", "yes", "no"), help="bf16 autocast (auto: CUDA only)")
@@ -388,11 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cuda-graph", action="store_true", help="require the CUDA-graph step (an error off CUDA)")
     p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: never)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (the last step always)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: accept changed settings or data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines without a progress bar")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
@@ -431,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the footprint table of minilora.memory.footprint_report for a model or config.json.",
     )
     p.add_argument("model", help="model directory, config.json, hub id, .gguf file or 'default'")
+    p.add_argument("--train", action="store_true", help="the peak of a (Q)LoRA training step, per item")
+    p.add_argument("--r", type=int, default=32, help="with --train: LoRA rank (default 32)")
+    p.add_argument("--targets", default="q,k,v,o", help="with --train: q,k,v,o,gate,up,down or all (default q,k,v,o)")
+    p.add_argument("--batch", type=int, default=4, help="with --train: sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=182, help="with --train: tokens per sequence (default 182)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="with --train: recompute layers")
+    p.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "none"), help="with --train: base format")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="with --train: compute dtype")
     p.set_defaults(func=cmd_footprint)
 
     p = sub.add_parser(
@@ -470,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     from minilora.explain.command import add_explain_parser
 
     add_explain_parser(sub).set_defaults(func=cmd_explain)
+    _add_examples(sub)
     return parser
 
 

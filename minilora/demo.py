@@ -398,7 +398,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = logger.info) -> d
     seed_everything(config.seed)
     add_lora(model, r=config.r, alpha=config.alpha, target_modules=list(config.targets), dropout=config.dropout)
     trainable_line = trainable_report(model)
-    n_trainable, _ = count_parameters(model)
+    n_trainable, n_with_adapter = count_parameters(model)  # peft's convention: all = base + adapter
     echo(trainable_line)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tc = TrainConfig(
@@ -453,7 +453,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = logger.info) -> d
     fp32_bytes = n_params * 4
     table = [
         ("parameters (base model)", f"{n_params:,d}"),
-        ("trainable parameters (LoRA)", f"{n_trainable:,d} ({100 * n_trainable / n_params:.2f}%)"),
+        ("trainable parameters (LoRA)", f"{n_trainable:,d} ({100 * n_trainable / n_with_adapter:.2f}% of all)"),
         ("LoRA adapter (fp32, adapter_model.safetensors payload)", _mb(adapter_bytes)),
         ("base weights in fp32", _mb(fp32_bytes)),
         (f"base weights in {config.quantize.upper()} (as transformers counts)", _mb(base_counted)),

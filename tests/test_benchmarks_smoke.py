@@ -48,6 +48,10 @@ EXPECTED = {
         "columns": ["tokens / description", "tokens in $1,234.00", "fp32 logits MB", "examples/s"],
         "keys": ["tokenizers", "description_tokens", "prices", "qlora_step", "logits_fp32_bytes_per_batch"],
     },
+    "train_memory": {
+        "columns": ["estimated growth MB", "measured growth MB (malloc trimmed)", "verdict"],
+        "keys": ["cases", "estimate_items", "relative_error"],
+    },
 }
 
 
@@ -55,8 +59,9 @@ EXPECTED = {
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_smoke(suite: str, tmp_path: Path) -> None:
     assert main([suite, "--smoke", "--out", str(tmp_path)]) == 0
-    md = (tmp_path / f"{suite}-cpu.md").read_text()
-    record = json.loads((tmp_path / f"{suite}-cpu.json").read_text())
+    stem = suite.replace("_", "-")  # train_memory writes train-memory-cpu.*
+    md = (tmp_path / f"{stem}-cpu.md").read_text()
+    record = json.loads((tmp_path / f"{stem}-cpu.json").read_text())
     for column in EXPECTED[suite]["columns"]:
         assert column in md, column
     for key in EXPECTED[suite]["keys"]:

@@ -328,13 +328,22 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (no BOS, as chat templates are tokenized) and each token's character span."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # --- chat -----------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's Jinja chat template.
+
+        `extra` are more template variables (e.g. `tools=[...]`), as transformers passes them.
 
         Rendered in jinja2's immutable sandbox (the template comes from a model file) with the options
         transformers uses (trim_blocks, lstrip_blocks, loop controls), so the text is the same.
@@ -353,5 +362,5 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_exception
         specials = {f"{n}_token": _token_content(self.config.get(f"{n}_token")) or "" for n in _SPECIAL_NAMES}
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials
+            messages=messages, add_generation_prompt=add_generation_prompt, **specials, **extra
         )

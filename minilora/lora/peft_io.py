@@ -24,6 +24,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from minilora.errors import AdapterError
+from minilora.io.checkpoint import atomic_write_bytes
 from minilora.io.safe_write import staged_files, write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
@@ -66,6 +68,7 @@ def save_adapter(
     directory: str | os.PathLike,
     adapter_name: str | None = None,
     initial_adapter_dir: str | os.PathLike | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write adapter `adapter_name` (default: the active one) as peft would; returns the directory.
 
@@ -73,6 +76,9 @@ def save_adapter(
     PiSSA / OLoRA / LoftQ init was saved before training. The adapter is then written as a plain LoRA on
     the ORIGINAL base weight (lora/init.py): W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0],
     rank 2r, alpha doubled (times sqrt 2 with rsLoRA) so that s is unchanged.
+
+    base_model_name_or_path (a directory or hub id; default: the adapter config's, else the model's
+    ``config.name_or_path``) is what ``PeftModel.from_pretrained`` users load the base from.
     """
     configs = _configs(model)
     layers = lora_layers(model)
@@ -82,6 +88,8 @@ def save_adapter(
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}")
     config = configs[name]
+    if base_model_name_or_path is not None:
+        config.base_model_name_or_path = base_model_name_or_path
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in adapter_state_dict(model, name).items()}
@@ -132,6 +140,40 @@ def _as_plain_lora(
         loftq_config={},
     )
     return out, plain
+
+
+def write_model_card(
+    directory: str | os.PathLike,
+    base_model: str | None,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    title: str = "LoRA adapter trained with minilora",
+) -> Path:
+    """README.md beside the adapter, as the hub shows it: peft's front matter (base_model, library_name)
+    then the training configuration and the final metrics, and how to load it."""
+    lines = ["---"] + ([f"base_model: {json.dumps(base_model)}"] if base_model else [])
+    lines += ["library_name: peft", "tags:", "- lora", "- minilora", "---", ""]
+    lines += [f"# {title}", ""]
+    if base_model:
+        lines += [f"Base model: `{base_model}`.", ""]
+    lines += ["## Training configuration", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v, default=str)}` |" for k, v in training.items()]
+    lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+    ]
+    lines += ["", f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base_model or 'BASE')})"]
+    lines += ['model = PeftModel.from_pretrained(base, "path/to/this/adapter")', "```", ""]
+    lines += ['or `minilora generate BASE --adapter path/to/this/adapter "PROMPT"`.', ""]
+    path = Path(directory) / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    return path
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
+from minilora.errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label the causal-LM loss skips (torch's cross_entropy ignore_index)
@@ -75,15 +77,15 @@ class Example:
 # ---------------------------------------------------------------------------------------------- records
 def _record_from(obj: Any, where: str) -> Record:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected an object with 'prompt' and 'completion', got {type(obj).__name__}")
+        raise DatasetError(f"{where}: expected an object with 'prompt' and 'completion', got {type(obj).__name__}")
     missing = [k for k in ("prompt", "completion") if k not in obj]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing} (found {sorted(obj)})")
+        raise DatasetError(f"{where}: missing field(s) {missing} (found {sorted(obj)})")
     for key in ("prompt", "completion"):
         if not isinstance(obj[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+            raise DatasetError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
     if not obj["completion"]:
-        raise ValueError(f"{where}: field 'completion' is empty; there would be nothing to learn")
+        raise DatasetError(f"{where}: field 'completion' is empty; there would be nothing to learn")
     return Record(obj["prompt"], obj["completion"])
 
 
@@ -96,26 +98,14 @@ def records_from_list(items: Iterable[dict[str, Any] | Record]) -> list[Record]:
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Record]:
-    """Records from a JSON Lines file, one object per line (blank lines are skipped).
+    """Prompt/completion records from a JSON Lines file, one object per line (blank lines are skipped).
 
-    Errors name the file and the 1-based line: bad JSON, a non-object, a missing or non-string field.
+    Errors (DatasetError) name the file and the 1-based line: bad JSON or UTF-8, a non-object, a missing
+    or non-string field. For the other formats (text, messages; JSON and CSV) see minilora.train.datasets.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such data file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(_record_from(obj, f"{path}:{lineno}"))
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+    from minilora.train.datasets import read_rows
+
+    return [_record_from(row.data, row.where) for row in read_rows(path, kind="jsonl")]
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:

@@ -23,6 +23,8 @@ data order (epoch e is shuffled with seed (seed, e)) and dropout. A checkpoint s
 scheduler, every RNG and the data position (minilora.train.checkpoint); ``resume=True`` restores them all,
 so a run killed and resumed ends with the same adapter bytes and the same loss curve as one never stopped.
 ``metrics.jsonl`` is cut back to the checkpoint's step on resume, so the curve holds each step once.
+A resume continues only the run that wrote the checkpoint (same configuration and data, see
+minilora.train.run); the final step is always checkpointed.
 
 Which path runs (minilora.train.fast): on CUDA, by default, compiled decoder blocks, the whole step as
 one CUDA graph and packed rows; elsewhere, or with ``fast=False``, this eager loop. One log line says
@@ -45,7 +47,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +62,8 @@ from minilora.models.llama import position_ids_from_mask
 from minilora.train import checkpoint as ckpt_io
 from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
 from minilora.train.fast import choose_path, compile_blocks, document_ids, pack_first_fit
+from minilora.train.metrics import Progress, plot_loss_curve, read_metrics, rewrite_metrics
+from minilora.train.run import RunError, check_resume, run_identity, start_fresh
 from minilora.train.weight_cache import cached_dequantize
 
 logger = logging.getLogger(__name__)
@@ -97,16 +101,19 @@ class TrainConfig:
     eval_batch_size: int = 16
     save_every: int = 0  # steps; 0: no intermediate checkpoints
     keep_last: int = 2
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics.jsonl records
+    print_every: int = 10  # steps between log lines when there is no progress bar
     seed: int = 0
     progress: bool = True
     plot: bool = True
     save_final_adapter: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "eval_batch_size", "graph_pad_multiple"):
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "print_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.graph_pad_multiple < 1:
+            raise ValueError(f"TrainConfig.graph_pad_multiple must be >= 1, got {self.graph_pad_multiple}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -135,6 +142,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     path: str = "eager (reference)"  # which training path ran (minilora.train.fast)
     warmup_s: float | None = None  # the first step's time when it compiled and captured
+    changes: list[str] = field(default_factory=list)  # what --allow-changes let differ from the checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -306,81 +314,56 @@ def evaluate(
     return total / count
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
-    records = []
-    path = Path(path)
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def plot_loss_curve(
-    metrics: list[dict[str, Any]], path: str | os.PathLike, title: str = "training loss"
-) -> Path | None:
-    """Write the train (and eval) loss curve as a PNG; returns None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no loss-curve PNG (pip install 'minilora[demo]')")
-        return None
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (completion tokens)", lw=1.2)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-class _Progress:
-    """tqdm when installed and wanted, else nothing (the metrics file still records every step)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text)
-
-    def update(self, **postfix: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---------------------------------------------------------------------------------------------- the loop
+def _find_checkpoint(out: Path, resume: bool | str | os.PathLike) -> ckpt_io.CheckpointPaths | None:
+    """The checkpoint to continue from: None for a fresh start; an error when resume finds none."""
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        ckpt = ckpt_io.latest_checkpoint(out)
+        if ckpt is None:
+            raise RunError(
+                f"--resume: no complete checkpoint under {ckpt_io.checkpoint_root(out)}; nothing to continue "
+                "(start without --resume, with --overwrite if the directory holds files)"
+            )
+        return ckpt
+    path = Path(resume)
+    m = ckpt_io._NAME.match(path.name)
+    if not (m and (path / ckpt_io.STATE_NAME).is_file()):
+        raise RunError(f"{path}: not a complete checkpoint directory (checkpoint-N with {ckpt_io.STATE_NAME})")
+    return ckpt_io.CheckpointPaths(path, int(m.group(1)))
+
+
+def _apply_changes(optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig, step: int) -> None:
+    """After resuming with --allow-changes: this run's hyper-parameters in the optimizer, and the learning
+    rate recomputed from the (new) schedule at the step reached, instead of the checkpoint's values."""
+    for group in optimizer.param_groups:
+        group.update(betas=config.betas, eps=config.eps, weight_decay=config.weight_decay, initial_lr=config.lr)
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    scheduler.lr_lambdas = [scheduler.lr_lambdas[0] for _ in optimizer.param_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _save(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    order: DataOrder,
+    tokens: int,
+    config: TrainConfig,
+    graphed: Any,
+    identity: dict[str, Any],
+) -> None:
+    """Checkpoint step ``step`` with the run's identity (minilora.train.run) in its trainer state."""
+    trainer_state = {"data": order.state_dict(), "tokens": tokens, "config": _jsonable(config), "run": identity}
+    extra_rng = {"graph": graphed.rng_state()} if graphed is not None else None
+    ckpt_io.save_checkpoint(out, step, model, optimizer, scheduler, trainer_state, config.keep_last, extra_rng)
+
+
 def train(
     model: nn.Module,
     train_examples: Sequence[Example],
@@ -388,22 +371,40 @@ def train(
     eval_examples: Sequence[Example] | None = None,
     pad_token_id: int = 0,
     resume: bool | str | os.PathLike = False,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+    run_info: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the model's trainable (adapter) parameters; see the module docstring.
 
-    resume: False starts fresh (an existing metrics.jsonl is overwritten); True continues from the newest
-        complete checkpoint under ``config.output_dir`` (fresh start when there is none); a path resumes
-        from that checkpoint directory. The model must carry the same LoRA settings as the stopped run.
+    resume: False starts fresh; True continues from the newest complete checkpoint under
+        ``config.output_dir`` (an error when there is none); a path resumes from that checkpoint directory.
+        The model must carry the same LoRA settings as the stopped run.
+    overwrite, allow_changes, run_info: see minilora.train.run (a directory holding another run is refused
+        unless ``overwrite``; a resume whose identity, config + ``run_info``, changed is refused unless
+        ``allow_changes``).
+    echo: where the log lines go when there is no progress bar (every ``config.print_every`` steps).
+    The final step is always checkpointed, so a finished run can be continued with more steps.
     """
     t_start = time.perf_counter()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = adapter_parameters(model)
     plan = choose_path(model, train_examples, config)
     logger.info(plan.describe())
     if plan.pack_length:
         train_examples = pack_first_fit(train_examples, plan.pack_length)
+    identity = run_identity(config, run_info)
+
+    # 1. the run directory: a fresh run, or the run it continues
+    ckpt_io.clean_temp_dirs(out)
+    ckpt = _find_checkpoint(out, resume)
+    if ckpt is None:
+        start_fresh(out, identity, overwrite)
+    metrics_path = out / "metrics.jsonl"
+
+    # 2. optimizer, schedule, data order
     optimizer = torch.optim.AdamW(
         params,
         lr=config.lr,
@@ -428,35 +429,28 @@ def train(
 
         model.model.checkpoint_fn = offloaded_checkpoint
 
-    metrics_path = out / "metrics.jsonl"
-    start_step, tokens_seen, resumed_from = 0, 0, None
-    ckpt_io.clean_temp_dirs(out)
-    ckpt = None
-    if resume is True:
-        ckpt = ckpt_io.latest_checkpoint(out)
-        if ckpt is None:
-            logger.info("no checkpoint under %s: starting from step 0", out)
-    elif resume:
-        path = Path(resume)
-        m = ckpt_io._NAME.match(path.name)
-        if not (m and (path / ckpt_io.STATE_NAME).is_file()):
-            raise ValueError(f"{path}: not a complete checkpoint directory (checkpoint-N with {ckpt_io.STATE_NAME})")
-        ckpt = ckpt_io.CheckpointPaths(path, int(m.group(1)))
+    # 3. restore a checkpoint (every state), refusing one of another run
+    start_step, tokens_seen, resumed_from, changes = 0, 0, None, []
     if ckpt is not None:
         state = ckpt_io.load_checkpoint_state(ckpt)
+        _, changes = check_resume(out, state["trainer_state"].get("run"), identity, allow_changes, ckpt.step)
         ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
         optimizer.load_state_dict(state["optimizer"])
         _match_capturable(optimizer, plan.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
+        if changes:
+            _apply_changes(optimizer, scheduler, config, ckpt.step)
         ckpt_io.set_rng_state(state["rng"])
         order.load_state_dict(state["trainer_state"]["data"])
         start_step = resumed_from = ckpt.step
         tokens_seen = int(state["trainer_state"].get("tokens", 0))
         kept = [m for m in read_metrics(metrics_path) if m.get("step", 0) <= start_step]
-        _rewrite_metrics(metrics_path, kept)
+        if changes:
+            kept.append({"step": start_step, "event": "resumed with changes", "changes": changes})
+        rewrite_metrics(metrics_path, kept)
         logger.info("resumed from %s (step %d)", ckpt.directory, start_step)
     else:
-        _rewrite_metrics(metrics_path, [])
+        rewrite_metrics(metrics_path, [])
 
     model.train()
     if plan.compile_blocks:
@@ -476,7 +470,7 @@ def train(
         if ckpt is not None:
             graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
-    progress = _Progress(config.progress, total_steps, start_step)
+    progress = Progress(config.progress, total_steps, start_step, config.print_every, echo, device)
     warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
     warmup_s = None
     if warming:
@@ -484,6 +478,7 @@ def train(
     losses = [m["loss"] for m in read_metrics(metrics_path) if "loss" in m]
     eval_loss = None
     step = start_step
+    # 4. the steps
     with weight_cache, open(metrics_path, "a", encoding="utf-8") as metrics_file:
 
         def log(record: dict[str, Any]) -> None:
@@ -526,7 +521,6 @@ def train(
             if warming:  # reported apart: steady-state speed leaves it out
                 warmup_s, warming = dt, False
                 logger.info("warm-up (compile + capture, first step): %.1f s", dt)
-                progress.describe("train")
             losses.append(loss)
             record = {
                 "step": step,
@@ -542,21 +536,20 @@ def train(
                 record["warmup_s"] = warmup_s
             if step % config.log_every == 0 or step == total_steps:
                 log(record)
-            progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}")
+            progress.update(step, loss, lr, step_tokens)
+            if warmup_s is not None and step == start_step + 1:
+                progress.describe("train")  # steady-state tokens/s from here on
             if eval_examples and ((config.eval_every and step % config.eval_every == 0) or (step == total_steps)):
                 eval_loss = evaluate(model, eval_examples, config.eval_batch_size, pad_token_id, config)
                 log({"step": step, "eval_loss": eval_loss})
                 logger.info("step %d: eval loss %.4f", step, eval_loss)
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
                 metrics_file.flush()
                 os.fsync(metrics_file.fileno())
-                trainer_state = {"data": order.state_dict(), "tokens": tokens_seen, "config": _jsonable(config)}
-                extra_rng = {"graph": graphed.rng_state()} if graphed is not None else None
-                ckpt_io.save_checkpoint(
-                    out, step, model, optimizer, scheduler, trainer_state, config.keep_last, extra_rng=extra_rng
-                )
+                _save(out, step, model, optimizer, scheduler, order, tokens_seen, config, graphed, identity)
     progress.close()
 
+    # 5. what the run leaves: the adapter, the loss curve
     adapter_dir = None
     if config.save_final_adapter:
         from minilora.lora import save_adapter
@@ -579,14 +572,9 @@ def train(
         losses=losses,
         path=plan.name,
         warmup_s=warmup_s,
+        changes=changes,
     )
 
 
 def _jsonable(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config), default=str))
-
-
-def _rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    from minilora.io.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
