@@ -105,3 +105,39 @@ def test_gguf_export_reads_back(hf_tiny_llama_dir: Path, tmp_path: Path, type_na
     text = "<|im_start|>user\nHello world<|im_end|>"
     source = Tokenizer.from_gguf_metadata(tokenizer)
     assert Tokenizer.from_gguf_metadata(ours.metadata).encode(text) == source.encode(text)
+
+
+def test_export_failing_half_way_leaves_the_old_output(hf_tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Both exporters: a fault after part of the output was written leaves the previous export byte-identical."""
+    import minilora.io.export as export
+    import minilora.io.gguf_write as gguf_write
+
+    model = lora_model(hf_tiny_llama_dir)
+    out_dir, out_file = tmp_path / "st", tmp_path / "m.gguf"
+    export_safetensors(model, out_dir, max_shard_size=100_000)
+    export_gguf(model, out_file, "Q8_0")
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    before_gguf = out_file.read_bytes()
+
+    def save_then_fail(m, directory, **kw):
+        (Path(directory) / "model-00001-of-00009.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        export_safetensors(model, out_dir, max_shard_size=100_000)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+    calls = []
+
+    def quantize_then_fail(x):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("interrupted half-way")
+        return quantize_q8_0(x)
+
+    monkeypatch.setattr(gguf_write, "quantize_q8_0", quantize_then_fail)
+    with pytest.raises(RuntimeError, match="half-way"):
+        export_gguf(model, out_file, "Q8_0")
+    assert len(calls) == 3 and out_file.read_bytes() == before_gguf
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "st"]  # no temporary left behind
