@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from minilora.quant import (
@@ -65,6 +65,9 @@ def test_error_bound_with_double_quant(case, quant_type):
 @given(case=cases(dtypes=DTYPES), quant_type=quant_types(), double_quant=st.booleans())
 def test_round_trip_keeps_shape_and_dtype(case, quant_type, double_quant):
     blocksize, x = case
+    # near float32's limit the mean of the absmax overflows: double quantization refuses such weights
+    # (tests/quant/test_hostile_state.py), so they are no case for it here
+    assume(not (double_quant and float(x.float().abs().amax()) > 1e37))
     check_shape_and_dtype(minilora_pair(quant_type, blocksize, double_quant), x)
 
 
