@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minilora.errors import CheckpointError
+
 from .checkpoint import atomic_write_bytes, save_safetensors
 
 # The file format lives in gguf_format; its names are re-exported here for the importers of this module.
@@ -85,7 +87,7 @@ def hf_name(gguf_name: str, path: Path | str = "<gguf>") -> str:
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
-    raise ValueError(f"{path}: tensor {gguf_name!r} has no transformers Llama equivalent")
+    raise CheckpointError(f"{path}: tensor {gguf_name!r} has no transformers Llama equivalent")
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -106,7 +108,7 @@ def _meta(gf: GGUFFile, key: str, default: Any = None) -> Any:
     if key in gf.metadata:
         return gf.metadata[key]
     if default is None:
-        raise ValueError(f"{gf.path}: missing metadata key {key!r}")
+        raise CheckpointError(f"{gf.path}: missing metadata key {key!r}")
     return default
 
 
@@ -121,7 +123,7 @@ def rope_scaling_of(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
     if scaling_type == "linear":
         return {"type": "linear", "factor": _f32_decimal(_meta(gf, f"{arch}.rope.scaling.factor"))}
     if scaling_type != "none":
-        raise ValueError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
+        raise CheckpointError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
     return None
 
 
@@ -138,21 +140,21 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers LlamaConfig dict from the GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = gf.metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
+        raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
     if "token_embd.weight" not in gf.tensors:
-        raise ValueError(f"{gf.path}: missing tensor 'token_embd.weight'")
+        raise CheckpointError(f"{gf.path}: missing tensor 'token_embd.weight'")
     hidden = int(_meta(gf, "llama.embedding_length"))
     n_heads = int(_meta(gf, "llama.attention.head_count"))
     n_kv = int(_meta(gf, "llama.attention.head_count_kv", n_heads))
     head_dim = int(_meta(gf, "llama.attention.key_length", hidden // n_heads))
     rope_dim = int(_meta(gf, "llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise ValueError(f"{gf.path}: llama.rope.dimension_count={rope_dim} != head_dim {head_dim} (partial RoPE)")
+        raise CheckpointError(f"{gf.path}: llama.rope.dimension_count={rope_dim} != head_dim {head_dim} (partial RoPE)")
     vocab_size = gf.tensors["token_embd.weight"].shape[0]
     rope_theta = _f32_decimal(_meta(gf, "llama.rope.freq_base", 10000.0))
     rope_scaling = rope_scaling_of(gf, "llama")
     if "rope_freqs.weight" in gf.tensors:
-        raise ValueError(f"{gf.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
+        raise CheckpointError(f"{gf.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
 
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -199,7 +201,7 @@ def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, 
     expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in block_names}
     missing = sorted(expected - state.keys())
     if missing:
-        raise ValueError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        raise CheckpointError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     from minilora.io.tokenizer import Tokenizer
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise CheckpointError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     gf = read_gguf(gguf_path)
     gemma3 = gf.metadata.get("general.architecture") == "gemma3"
     config = gemma3_config(gf) if gemma3 else llama_config(gf)
@@ -259,7 +261,7 @@ def gguf_to_dir_cached(gguf_path: str | os.PathLike, cache_dir: str | os.PathLik
     """
     src = Path(gguf_path)
     if not src.is_file():
-        raise ValueError(f"{src}: no such GGUF file")
+        raise CheckpointError(f"{src}: no such GGUF file")
     st = src.stat()
     key = hashlib.sha256(f"{st.st_size}-{st.st_mtime_ns}-v{CONVERTER_VERSION}".encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

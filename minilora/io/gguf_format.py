@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minilora.errors import CheckpointError
 from minilora.io import gguf_kquants
 
 GGUF_MAGIC = b"GGUF"
@@ -181,7 +182,7 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, in the file's layout (no q/k un-permutation)."""
         if name not in self.tensors:
-            raise ValueError(f"{self.path}: no tensor named {name!r}")
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         info = self.tensors[name]
         return dequantize(self.raw(name), info.ggml_type, info.shape)
 
@@ -204,7 +205,7 @@ class _Cursor:
 
     def take(self, n: int) -> np.ndarray:
         if n < 0 or self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF file (wanted {n} bytes at offset {self.pos})")
+            raise CheckpointError(f"{self.path}: truncated GGUF file (wanted {n} bytes at offset {self.pos})")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -228,23 +229,23 @@ class _Cursor:
                 arr = np.frombuffer(self.take(n * dt.itemsize).tobytes(), dtype=dt)
                 return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
             return [self.value(etype, key) for _ in range(n)]
-        raise ValueError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
+        raise CheckpointError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse the header, metadata and tensor table of a GGUF file; tensor data stays memory-mapped."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such GGUF file")
+        raise CheckpointError(f"{path}: no such GGUF file")
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     if len(buf) < 24 or bytes(buf[:4]) != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected {GGUF_MAGIC!r})")
+        raise CheckpointError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r}, expected {GGUF_MAGIC!r})")
     cur = _Cursor(buf, path)
     cur.take(4)
     version = cur.scalar("<I")
     if version not in (2, 3):
         hint = " (a big-endian file?)" if version > 0xFFFF else ""
-        raise ValueError(f"{path}: unsupported GGUF version {version}{hint}; expected 2 or 3")
+        raise CheckpointError(f"{path}: unsupported GGUF version {version}{hint}; expected 2 or 3")
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
 
     metadata: dict[str, Any] = {}
@@ -268,14 +269,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if type_id not in GGML_TYPES:
             type_name = _OTHER_GGML_TYPES.get(type_id, f"type id {type_id}")
             supported = ", ".join(t.name for t in GGML_TYPES.values())
-            raise ValueError(f"{path}: tensor {name!r} has unsupported type {type_name} (supported: {supported})")
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported type {type_name} (supported: {supported})")
         gtype = GGML_TYPES[type_id]
         n_elements = int(np.prod(ne)) if ne else 1
         if ne and ne[0] % gtype.block_size:
-            raise ValueError(f"{path}: tensor {name!r} row length {ne[0]} is not a multiple of {gtype.block_size}")
+            raise CheckpointError(f"{path}: tensor {name!r} row length {ne[0]} is not a multiple of {gtype.block_size}")
         n_bytes = n_elements // gtype.block_size * gtype.type_size
         start = data_start + offset
         if start + n_bytes > len(buf):
-            raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
         gf.tensors[name] = GGUFTensorInfo(name, tuple(reversed(ne)), gtype, start, n_bytes)
     return gf

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minilora.errors import CheckpointError
 from minilora.io.gguf import _f32_decimal, _meta, check_complete, rope_scaling_of, special_token_ids
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ SLIDING_WINDOW_PATTERN = 6
 def gemma3_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers Gemma3TextConfig dict from the ``gemma3.*`` metadata and the tensor shapes."""
     if "token_embd.weight" not in gf.tensors:
-        raise ValueError(f"{gf.path}: missing tensor 'token_embd.weight'")
+        raise CheckpointError(f"{gf.path}: missing tensor 'token_embd.weight'")
     n_layers = int(_meta(gf, "gemma3.block_count"))
     hidden = int(_meta(gf, "gemma3.embedding_length"))
     n_heads = int(_meta(gf, "gemma3.attention.head_count"))
@@ -95,7 +96,7 @@ def gemma3_hf_name(name: str, path: object) -> str:
     m = _BLOCK_RE.fullmatch(name)
     if m and m.group(2) in GEMMA3_BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{GEMMA3_BLOCK_NAMES[m.group(2)]}.weight"
-    raise ValueError(f"{path}: tensor {name!r} has no transformers Gemma-3 equivalent")
+    raise CheckpointError(f"{path}: tensor {name!r} has no transformers Gemma-3 equivalent")
 
 
 def gemma3_state_dict(gf: GGUFFile, config: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
