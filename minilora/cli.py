@@ -280,6 +280,9 @@ EXAMPLES = {
     "minilora footprint config.json --train --r 32 --targets q,k,v,o --batch 4 --seq 182 --gradient-checkpointing",
     "quantize": "minilora quantize default --out smollm2-nf4/ --type nf4",
     "bench": "minilora bench quant --smoke",
+    "export": "minilora export default --adapter runs/chat/adapter --out merged.gguf --type Q8_0\n  "
+    "minilora export default --adapter runs/chat/adapter --format safetensors --out merged/",
+    "explain": "minilora explain quant\n  minilora explain lora llama-3.1-8b/config.json --r 32 --plot plots/",
 }
 
 
