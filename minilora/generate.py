@@ -115,8 +115,6 @@ def stream_tokens(
     total = ids.shape[1] + config.max_new_tokens
     if max_pos is not None and total > max_pos:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({config.max_new_tokens}) > {max_pos} positions")
-    cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
-    cache = KVCache(model.config, 1, total, dtype=cache_dtype, device=param.device)
     generator = None
     if config.temperature > 0:
         generator = torch.Generator(device=param.device)
@@ -130,6 +128,8 @@ def stream_tokens(
             logits = decoder.prefill(ids)
             step = decoder.step
         else:
+            cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
+            cache = KVCache(model.config, 1, total, dtype=cache_dtype, device=param.device)
             logits = _last_logits(model, ids, None, cache)
 
             def step(t: torch.Tensor) -> torch.Tensor:

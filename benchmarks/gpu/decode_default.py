@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.gpu.common import environment, md_table
-from benchmarks.gpu.qlora_step import LLAMA8B, TARGETS
+from benchmarks.gpu.qlora_step import LLAMA8B, TARGETS, to_bnb_4bit
 from benchmarks.gpu.train_default import card
 
 PROMPT, NEW = 32, 256
@@ -51,7 +51,6 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def run_reference(quant: bool) -> dict:
-    import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**LLAMA8B, attn_implementation="sdpa")
@@ -60,23 +59,8 @@ def run_reference(quant: bool) -> dict:
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
-    if quant:  # every decoder Linear as bitsandbytes' Linear4bit, NF4 + double quant (as qlora_step builds it)
-        for parent in list(model.model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(
-                        child.in_features,
-                        child.out_features,
-                        bias=False,
-                        compute_dtype=torch.bfloat16,
-                        compress_statistics=True,
-                        quant_type="nf4",
-                        device="meta",
-                    )
-                    q.weight = bnb.nn.Params4bit(
-                        child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
-                    ).to("cuda")
-                    setattr(parent, name, q)
+    if quant:  # every decoder Linear as bitsandbytes' Linear4bit, NF4 + double quant
+        to_bnb_4bit(model)
         torch.cuda.empty_cache()
     model.eval()
     # transformers compiles the forward itself for a static cache (generation_config.compile_config)

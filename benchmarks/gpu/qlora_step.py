@@ -51,16 +51,10 @@ FLOP_PER_TOKEN = 48e9
 CE_CHUNK_ROWS = 256
 
 
-def build_reference(layers: int) -> nn.Module:
+def to_bnb_4bit(model: nn.Module) -> nn.Module:
+    """Every decoder Linear (not lm_head) as bitsandbytes' Linear4bit, NF4 + double quant, bf16 compute."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{**LLAMA8B, "num_hidden_layers": layers}, attn_implementation="sdpa")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and cname != "lm_head":
@@ -77,6 +71,19 @@ def build_reference(layers: int) -> nn.Module:
                     child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
                 ).to("cuda")
                 setattr(parent, cname, q)
+    return model
+
+
+def build_reference(layers: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**LLAMA8B, "num_hidden_layers": layers}, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    to_bnb_4bit(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     cfg_lora = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM")

@@ -62,6 +62,18 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- cache
+def _kv_buffers(
+    config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys and values for every layer, each (batch_size, num_key_value_heads, max_len, head_dim)."""
+    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+
+    def zeros() -> list[torch.Tensor]:
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    return zeros(), zeros()
+
+
 class KVCache:
     """Pre-allocated keys and values for every layer, written in place during generation.
 
@@ -78,9 +90,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys, self.values = _kv_buffers(config, batch_size, max_len, dtype, device)
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0
@@ -120,9 +130,7 @@ class StaticKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys, self.values = _kv_buffers(config, batch_size, max_len, dtype, device)
         self.batch_size, self.max_len = batch_size, max_len
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # next slot, shared by the rows
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
