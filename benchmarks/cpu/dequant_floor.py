@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import Report, bench_pair
+from benchmarks.harness import Report, bench_pair
 
 _kernels: dict[str, Callable[..., Any]] = {}
 

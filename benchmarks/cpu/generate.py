@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import Report, progress, run_child, verdict
+from benchmarks.harness import Report, progress, run_child, verdict
 
 FULL = {"prompt": 128, "new": 64, "repeats": 5}
 SMOKE = {"prompt": 8, "new": 4, "repeats": 1}
@@ -105,7 +105,7 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
         report.note("The generate suite runs on CPU only (the SmolLM2 checkpoint is not on the GPU machine).")
         return report.write()
     if smoke:
-        from benchmarks.cpu.common import tiny_checkpoint
+        from benchmarks.harness import tiny_checkpoint
 
         directory = str(tiny_checkpoint(Path(report.out) / "tiny-llama"))
         settings = SMOKE

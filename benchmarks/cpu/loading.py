@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakCUDA, PeakRSS, Report, progress, run_child, sync, verdict
+from benchmarks.harness import PeakCUDA, PeakRSS, Report, progress, run_child, sync, verdict
 
 FULL = dict(
     vocab_size=32000,

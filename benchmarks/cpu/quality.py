@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import REPO, Report, progress
+from benchmarks.harness import REPO, Report, progress
 from minilora.quant.state import QuantState
 
 SCHEMES = ("nf4", "nf4+dq", "fp4", "fp4+dq", "int8")
@@ -360,7 +360,7 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
 
     # 3. perplexity
     if smoke:
-        from benchmarks.cpu.common import tiny_checkpoint
+        from benchmarks.harness import tiny_checkpoint
 
         directory = tiny_checkpoint(Path(report.out) / "tiny-llama")
     if directory is None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import Report, bench_pair, peak_memory, progress, verdict
 from benchmarks.cpu.dequant_floor import add_section, decompose
+from benchmarks.harness import Report, bench_pair, peak_memory, progress, verdict
 
 FULL_SHAPES = [("q_proj", 4096, 4096), ("gate_proj", 14336, 4096)]
 SMOKE_SHAPES = [("tiny_a", 256, 256), ("tiny_b", 512, 256)]

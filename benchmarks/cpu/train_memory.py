@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.cpu.common import PeakRSS, Report, progress, run_child
+from benchmarks.harness import PeakRSS, Report, progress, run_child
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -65,7 +65,7 @@ def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[P
         raise ValueError("train_memory measures the CPU; the GPU version is benchmarks/gpu/train_memory.py")
     report = Report("train-memory", argv, out, smoke, device)
     if smoke:
-        from benchmarks.cpu.common import tiny_checkpoint
+        from benchmarks.harness import tiny_checkpoint
 
         directory, batch, seq = str(tiny_checkpoint(Path(out) / "tiny-llama")), 2, 32
     else:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.bench_kernels import from_bnb_state, rel_err
-from benchmarks.gpu.common import bench_us, environment, md_table, write_results
+from benchmarks.harness import bench_us, environment, md_table, write_results
 from minilora.kernels import gemv as kgemv
 from minilora.kernels import matmul as kmatmul
 from minilora.kernels.dequant import dequantize_4bit_triton

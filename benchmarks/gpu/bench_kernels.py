@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu.common import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results
+from benchmarks.harness import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results
 from minilora.kernels import dequant as kdequant
 from minilora.kernels import matmul as kmatmul
 from minilora.kernels import reference_mode

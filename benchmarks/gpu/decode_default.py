@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.gpu.common import environment, md_table
 from benchmarks.gpu.qlora_step import LLAMA8B, TARGETS, to_bnb_4bit
-from benchmarks.gpu.train_default import card
+from benchmarks.harness import ROW_HEADER, environment, hardware_tag, md_table, ratio_row, write_results
 
 PROMPT, NEW = 32, 256
 
@@ -162,8 +161,7 @@ def main() -> None:
         args.child_out.write_text(json.dumps(children[args.child](), default=str))
         return
     record: dict = {"env": environment(), "copy_TBps": copy_tbps(), "prompt": PROMPT, "new_tokens": NEW}
-    stem = f"decode-default-{card()}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode-default-{hardware_tag()}"
     for what in args.only.split(",") if args.only else children:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
@@ -177,8 +175,7 @@ def main() -> None:
             )
             print(f"{what}: {time.perf_counter() - t:.0f} s: {json.dumps(record[what])[:300]}", flush=True)
         record["rows"] = rows(record)  # after every child: a later one running out of time loses nothing
-        (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (args.out / f"{stem}.md").write_text(render(record))
+        write_results(args.out, stem, record, render(record))
     print(render(record))
 
 
@@ -187,8 +184,8 @@ def rows(r: dict) -> list[dict]:
     bw = r["copy_TBps"] * 1e12
 
     def add(case, m, ref, unit):
-        if isinstance(m, (int, float)) and isinstance(ref, (int, float)) and ref:
-            out.append({"case": case, "minilora": m, "reference": ref, "ratio": m / ref, "unit": unit})
+        if (row := ratio_row(case, m, ref, unit)) is not None:
+            out.append(row)
 
     for fmt in ("nf4", "bf16"):
         m, x = r.get(f"minilora_{fmt}", {}).get("plain", {}), r.get(f"reference_{fmt}", {})
@@ -222,7 +219,7 @@ def render(r: dict) -> str:
         f"{r['copy_TBps']:.2f} TB/s. {r['prompt']}-token prompt, {r['new_tokens']} new tokens, greedy.\n\n"
     )
     table = md_table(
-        ["case", "minilora", "reference", "ratio", "unit"],
+        ROW_HEADER,
         [[x["case"], x["minilora"], x["reference"], x["ratio"], x["unit"]] for x in r["rows"]],
     )
     eq = {k: v.get("plain", {}).get("equal_64_to_reference_loop") for k, v in r.items() if k.startswith("minilora")}

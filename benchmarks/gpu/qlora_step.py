@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.gpu.common import environment, md_table, write_results
+from benchmarks.harness import environment, md_table, write_results
 
 LLAMA8B = dict(
     vocab_size=128256,

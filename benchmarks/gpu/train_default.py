@@ -34,16 +34,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu.common import environment, md_table
 from benchmarks.gpu.qlora_step import FLOP_PER_TOKEN, LLAMA8B, build_minilora, build_reference
+from benchmarks.harness import ROW_HEADER, environment, hardware_tag, md_table, ratio_row, write_results
 
 SHAPES = [(4, 182), (1, 2048)]
 STEPS, SKIP = 14, 4  # timed optimizer steps per case; the first SKIP are left out of the median
-
-
-def card() -> str:
-    name = torch.cuda.get_device_name()
-    return "h200" if "H200" in name else "h100" if "H100" in name else name.replace(" ", "-").lower()
 
 
 def ragged_lengths(n: int, seed: int = 0) -> list[int]:
@@ -234,10 +229,7 @@ def main() -> None:
                 record[what] = {"error": f"exit {done.returncode}"}
             print(f"{what}: {time.perf_counter() - t:.0f} s: {json.dumps(record[what])[:600]}", flush=True)
     record["rows"] = rows(record)
-    stem = f"train-default-{card()}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(render(record))
+    write_results(args.out, f"train-default-{hardware_tag()}", record, render(record))
     print(render(record))
 
 
@@ -246,9 +238,8 @@ def rows(r: dict) -> list[dict]:
     out = []
 
     def add(case: str, m, ref_v, unit: str) -> None:
-        if m is None or ref_v in (None, 0):
-            return
-        out.append({"case": case, "minilora": m, "reference": ref_v, "ratio": m / ref_v, "unit": unit})
+        if (row := ratio_row(case, m, ref_v, unit)) is not None:
+            out.append(row)
 
     for key in ("4x182", "1x2048", "ragged"):
         m, x = mini.get(key), ref.get(key)
@@ -280,7 +271,7 @@ def render(r: dict) -> str:
         f"{r.get('minilora', {}).get('4x182', {}).get('path', '?')}.\n\n"
     )
     table = md_table(
-        ["case", "minilora", "reference", "ratio", "unit"],
+        ROW_HEADER,
         [[x["case"], f"{x['minilora']:.4g}", x["reference"] if x["reference"] is None else f"{x['reference']:.4g}",
           "" if x["ratio"] is None else f"{x['ratio']:.3g}", x["unit"]] for x in r["rows"]],
     )  # fmt: skip

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu.common import environment, md_table, write_results
 from benchmarks.gpu.qlora_step import LLAMA8B, build_minilora
+from benchmarks.harness import environment, md_table, write_results
 
 
 def examples(n: int, seed: int = 0) -> list:

@@ -9,7 +9,7 @@ states). Measured: the peak of torch.cuda.max_memory_allocated over the case's s
 against the estimate's total. One model serves every case; between cases the optimizer and gradients are
 freed and the peak counter reset.
 
-    python3 benchmarks/gpu/train_memory.py --out DIR      # -> DIR/train-memory-<card>.json and .md
+    python3 -m benchmarks.gpu.train_memory --out DIR      # -> DIR/train-memory-<card>.json and .md
 
 A few steps per case: about a minute on an H100 after the model is built.
 """
@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from common import environment, md_table  # noqa: E402
+from benchmarks.harness import environment, hardware_tag, md_table, write_results
 
 LLAMA8B = dict(
     model_type="llama",
@@ -44,11 +42,6 @@ LLAMA8B = dict(
 )
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CASES = [(4, 182, False), (4, 182, True), (1, 2048, False), (1, 2048, True)]
-
-
-def card_tag() -> str:
-    name = torch.cuda.get_device_name().lower()
-    return next((k for k in ("h200", "h100", "a100", "l40s", "l4", "a10g", "t4") if k in name), "gpu")
 
 
 def build(layers: int, device: str = "cuda") -> torch.nn.Module:
@@ -143,20 +136,17 @@ def main() -> None:
             f"{100 * error:+.1f}%" if error is not None else "-",
             ("within 15%" if abs(error) <= 0.15 else "OFF by more than 15%") if error is not None else "-",
         ])  # fmt: skip
-    tag = card_tag()
-    args.out.mkdir(parents=True, exist_ok=True)
     record = {"environment": environment(), "layers": args.layers, "steps": args.steps, "build_s": built_s,
               "wall_s": time.perf_counter() - t0, "cases": cases}  # fmt: skip
-    (args.out / f"train-memory-{tag}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     table = md_table(["tokens", "gradient checkpointing", "estimate GB", "measured peak GB", "error", "verdict"], rows)
     md = (
         f"# Training-step memory, Llama-3.1-8B shapes ({args.layers} layers), NF4+DQ, LoRA r=32 q,k,v,o, bf16\n\n"
-        f"- command: `python3 benchmarks/gpu/train_memory.py --out {args.out}`\n"
+        f"- command: `python3 -m benchmarks.gpu.train_memory --out {args.out}`\n"
         f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n"
         f"- {args.steps} eager steps per case (causal_lm_loss, AdamW); measured = torch.cuda.max_memory_allocated "
         "over them; estimate = minilora.memory_train (meta-device trace)\n\n" + table + "\n"
     )
-    (args.out / f"train-memory-{tag}.md").write_text(md)
+    write_results(args.out, f"train-memory-{hardware_tag()}", record, md)
     print(md)
 
 

@@ -1,7 +1,13 @@
-"""Shared helpers of the suites: environment record, timing, peak memory, child processes, result files.
+"""The one benchmark harness of the CPU and GPU suites: environment record, timing, peak memory, child
+processes with timeouts, result rows and files.
 
-The suites run on CPU by default and on a CUDA device with `--device cuda` (results `<suite>-<gpu>.md`,
-e.g. `quality-h200.md`). Timing: `bench` warms up, then takes the median of repeats (CPU work is
+Every suite writes `<suite>-<hardware>.md` and `.json` (hardware: `cpu` or the card, e.g. `h200`) under
+benchmarks/results/ or `--out`, headed by the command, the CPU or card, and the library versions
+(`environment`). Comparisons are rows {"case", "minilora", "reference", "ratio", "unit"} (`ratio_row`).
+CPU suites (benchmarks/cpu/) run on CPU by default and on a CUDA device with `--device cuda`
+(e.g. `quality-h200.md`); GPU suites (benchmarks/gpu/) time with CUDA events (`bench_us`, `graph_us`).
+
+Timing: `bench` warms up, then takes the median of repeats (CPU work is
 synchronous; on CUDA every timed call is bracketed by `torch.cuda.synchronize`). On CUDA, `PeakCUDA`
 measures the peak of `torch.cuda.max_memory_allocated` above the allocation at entry.
 Peak memory: `PeakRSS` resets the kernel's high-water mark (`echo 5 > /proc/self/clear_refs`) and reads
@@ -13,9 +19,11 @@ else (loading a model, a training step) runs in a child process through `run_chi
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +50,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def hardware_tag(device: str) -> str:
+def hardware_tag(device: str = "cuda") -> str:
     """The <hardware> part of result file names: 'cpu', or the GPU's short name ('h200')."""
     if device == "cpu":
         return "cpu"
@@ -59,10 +67,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-def environment(argv: list[str], device: str = "cpu") -> dict[str, Any]:
-    """Command line, hardware, versions and date of this run."""
+def environment(argv: list[str] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Command line, hardware, versions and date of this run (the header of every result file).
+
+    `argv`: the arguments of `python -m benchmarks` (None: this process's own command line). `device`: None
+    is the GPU where there is one, else the CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    own = " ".join([os.path.basename(sys.executable), *sys.argv])
     env: dict[str, Any] = {
-        "command": "python -m benchmarks " + " ".join(argv),
+        "command": own if argv is None else "python -m benchmarks " + " ".join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -72,15 +87,28 @@ def environment(argv: list[str], device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": device,
+        "cuda": torch.version.cuda,
+        "gpu": None,
     }
     if device != "cpu":
         props = torch.cuda.get_device_properties(torch.device(device))
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["gpu_memory_bytes"] = props.total_memory
-        env["cuda"] = torch.version.cuda
-    for name in ("bitsandbytes", "transformers", "peft", "minilora"):
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["sm_count"] = props.multi_processor_count
+        env["nvidia_smi"] = nvidia_smi()
+    for name in ("triton", "bitsandbytes", "transformers", "peft", "minilora"):
         env[name] = package_version(name)
     return env
+
+
+def nvidia_smi() -> str | None:
+    """Driver, clocks, temperature and power of the cards at the start of the run (None without nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = "--query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw"
+    done = subprocess.run(["nvidia-smi", query, "--format=csv"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None
 
 
 def package_version(name: str) -> str | None:
@@ -127,6 +155,40 @@ def bench_pair(
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
+
+
+def bench_us(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median GPU time of fn() in microseconds (CUDA events, L2 flushed before each call: triton's do_bench)."""
+    import triton.testing
+
+    return 1000.0 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def graph_us(fn: Callable[[], Any], reps: int = 10) -> float:
+    """GPU time of one fn() without the Python launch cost: `reps` calls captured in a CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return bench_us(graph.replay) / reps
+
+
+def cpu_launch_us(fn: Callable[[], Any], calls: int = 50) -> float:
+    """Host time per call of fn() (launch cost; the GPU queue absorbs the work)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / calls
 
 
 def memory_status() -> dict[str, int]:
@@ -217,16 +279,53 @@ def peak_memory(device: str) -> PeakRSS | PeakCUDA:
 
 
 def run_child(suite: str, task: str, args: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    """Run `benchmarks.cpu.<suite>.child_<task>(**args)` in a fresh Python; return its JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.cpu.child", suite, task, json.dumps(args)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run `benchmarks.cpu.<suite>.child_<task>(**args)` in a fresh Python; return its JSON result.
+
+    `suite` may also be a full module name (`benchmarks.gpu.x`). A child that fails, or runs past `timeout`
+    seconds, raises RuntimeError with the end of its output.
+    """
+    module = suite if "." in suite else f"benchmarks.cpu.{suite}"
+    cmd = [sys.executable, "-m", "benchmarks.harness", module, task, json.dumps(args)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"child {module}.{task} ran past its timeout of {timeout} s") from e
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"child {suite}.{task} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            f"child {module}.{task} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_script(module: str, args: list[str], timeout: float | None, log: Path) -> int:
+    """Run `python -m <module> <args>` in a fresh Python, its output shown and saved to `log`; its exit code.
+
+    A script still running after `timeout` seconds is killed and gives 124 (as coreutils' timeout).
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", module, *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        timer = None
+        if deadline is not None:
+            import threading
+
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        code = proc.wait()
+        if timer is not None:
+            timer.cancel()
+    if deadline is not None and code < 0 and time.monotonic() >= deadline:
+        print(f"{module}: killed after its timeout of {timeout} s", file=sys.stderr)
+        return 124
+    return code
 
 
 def progress(items: Iterable[Any], desc: str, total: int | None = None) -> Iterator[Any]:
@@ -268,6 +367,26 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+ROW_HEADER = ["case", "minilora", "reference", "ratio", "unit"]
+
+
+def ratio_row(case: str, minilora: Any, reference: Any, unit: str) -> dict[str, Any] | None:
+    """One comparison row, ratio = minilora / reference; None where either value is missing or not a number."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (minilora, reference))
+    if not numbers or not reference:
+        return None
+    return {"case": case, "minilora": minilora, "reference": reference, "ratio": minilora / reference, "unit": unit}
+
+
+def write_results(out_dir: Path, stem: str, record: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write `<stem>.json` (the record) and `<stem>.md` into `out_dir`; return both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    md_path.write_text(markdown, encoding="utf-8")
+    return md_path, json_path
 
 
 def verdict(ratio: float, lower_is_better: bool = True, what: str = "time") -> str:
@@ -343,12 +462,8 @@ class Report:
         figures = [f"![{f}]({f})" for f in self.data.get("figures", [])]
         closing = ["## Notes", "", *[f"- {n}" for n in self.notes], ""] if self.notes else []
         md = "\n".join(header) + "\n" + "\n".join(self.sections) + "\n" + "\n".join(closing + figures) + "\n"
-        md_path = self.out / f"{self.suite}-{self.tag}.md"
-        json_path = self.out / f"{self.suite}-{self.tag}.json"
-        md_path.write_text(md, encoding="utf-8")
         record = {"suite": self.suite, "environment": self.env, "results": self.data, "notes": self.notes}
-        json_path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        return md_path, json_path
+        return write_results(self.out, f"{self.suite}-{self.tag}", record, md)
 
 
 def tiny_checkpoint(directory: Path, vocab_size: int = 49152) -> Path:
@@ -373,3 +488,12 @@ def tiny_checkpoint(directory: Path, vocab_size: int = 49152) -> Path:
     tokenizer = gguf_to_dir_cached(default_model_path()) / "tokenizer.json"
     (directory / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return directory
+
+
+if __name__ == "__main__":  # the child of run_child: `python -m benchmarks.harness MODULE TASK JSON_ARGS`
+    # Prints the dict of MODULE.child_TASK(**args) as one `RESULT {json}` line, so that a measurement (peak
+    # RSS above all) is not disturbed by what the parent process holds.
+    module_name, task, child_args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    torch.set_num_threads(child_args.pop("threads", torch.get_num_threads()))
+    result = getattr(importlib.import_module(module_name), f"child_{task}")(**child_args)
+    print("RESULT " + json.dumps(result), flush=True)
