@@ -1,4 +1,4 @@
-"""`python -m benchmarks <suite> [--smoke] [--out DIR]`: see benchmarks/run.py."""
+"""`python -m benchmarks SUITE [SUITE ...] [--smoke] [--out DIR]`: see benchmarks/run.py."""
 
 import sys
 

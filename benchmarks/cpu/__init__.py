@@ -1,1 +1,1 @@
-"""CPU benchmark suites: quant, quality, speed, loading (one module each) and their shared helpers."""
+"""CPU benchmark suites, one module each (listed in benchmarks/run.py); shared code is benchmarks/harness.py."""
