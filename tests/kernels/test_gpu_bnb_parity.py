@@ -66,7 +66,8 @@ def test_4bit_bytes_equal_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_bytes_equal_bitsandbytes_cuda_on_a_large_weight(quant_type: str) -> None:
     # 16.8M values: enough boundary cases that an IEEE division instead of bitsandbytes' approximate one
-    # changes hundreds of FP4 codes in bfloat16 (a one-off probe, benchmarks/gpu/rounding_probe.py, since removed; in git history).
+    # changes hundreds of FP4 codes in bfloat16 (found by benchmarks/gpu/rounding_probe.py, a one-off probe
+    # since removed; in git history).
     for dtype in (torch.bfloat16, torch.float32):
         x = weights((4096, 4096), dtype, seed=7)
         packed, state = quantize_4bit(x, 64, quant_type, compress_statistics=True)
