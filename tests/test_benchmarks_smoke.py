@@ -141,24 +141,11 @@ def test_gpu_suites_refuse_without_cuda(capsys: pytest.CaptureFixture[str]) -> N
         parse(["decode_default", "--smoke"])
 
 
-def child_echo(value: int) -> dict:
-    """A child task for test_harness_child (run by `python -m benchmarks.harness`)."""
-    return {"value": value, "doubled": 2 * value}
-
-
-def child_sleep(seconds: float) -> dict:
-    import time
-
-    time.sleep(seconds)
-    return {}
-
-
 def test_harness_child_and_timeout() -> None:
-    assert harness.run_child("tests.test_benchmarks_smoke", "echo", {"value": 21}) == {"value": 21, "doubled": 42}
+    children = "tests.benchmark_children"
+    assert harness.run_child(children, "echo", {"value": 21}) == {"value": 21, "doubled": 42}
     with pytest.raises(RuntimeError, match="timeout of 1"):
-        harness.run_child("tests.test_benchmarks_smoke", "sleep", {"seconds": 30}, timeout=1)
-    with pytest.raises(RuntimeError, match="child tests.test_benchmarks_smoke.missing failed"):
-        harness.run_child("tests.test_benchmarks_smoke", "missing", {})
+        harness.run_child(children, "sleep", {"seconds": 30}, timeout=1)
 
 
 def test_harness_script_timeout_and_log(tmp_path: Path) -> None:
