@@ -39,7 +39,7 @@ def _echo(text: str) -> None:
 
 
 def _model_dir(ref: str) -> Path:
-    from minilora.demo import resolve_model
+    from minilora.io.hub import resolve_model
 
     return resolve_model(None if ref in ("default", "") else ref)
 
@@ -66,7 +66,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> None:
-    from minilora.demo import DemoConfig, run_demo
+    from minilora_demo.price import DemoConfig, run_demo
 
     overrides = {
         k: v

@@ -9,7 +9,7 @@
        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path), dir)``
        works from the adapter alone
 
-Defaults are the settings the demo proved on SmolLM2-135M (minilora.demo.DemoConfig): NF4 + double quant,
+Defaults are the settings the demo proved on SmolLM2-135M (minilora_demo.price.DemoConfig): NF4 + double quant,
 LoRA r=32, alpha=64 on all seven decoder projections, no dropout, lr 1.5e-3 with 4 warmup steps and a
 cosine to 10%, batch 8, gradient clipping at 1.0.
 """

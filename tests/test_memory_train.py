@@ -17,7 +17,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from minilora.demo import make_tiny_model_dir
+    from minilora.testing.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
