@@ -341,13 +341,6 @@ def check_output_is_not_source(model: nn.Module, directory: str | os.PathLike) -
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
-    path = Path(path)
-    with staged_files(path.parent) as stage:
-        write_bytes(stage(path.name), data)
-
-
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:

@@ -36,7 +36,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from minilora.errors import CheckpointError
-from minilora.io.checkpoint import atomic_write_bytes
+from minilora.io.safe_write import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gguf_path: str | os.PathLike) -> Tokenizer:
         """The tokenizer stored in a GGUF file."""
-        from minilora.io.gguf import read_gguf
+        from minilora.io.gguf_format import read_gguf
 
         gf = read_gguf(gguf_path)
         return tokenizer_from_gguf_metadata(gf.metadata, gf.path)

@@ -110,7 +110,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Record]:
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
     """Write records as JSON Lines (atomically)."""
-    from minilora.io.checkpoint import atomic_write_bytes
+    from minilora.io.safe_write import atomic_write_bytes
 
     text = "".join(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n" for r in records)
     atomic_write_bytes(path, text.encode("utf-8"))

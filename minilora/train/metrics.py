@@ -137,6 +137,6 @@ class Progress:
 
 
 def rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    from minilora.io.checkpoint import atomic_write_bytes
+    from minilora.io.safe_write import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
