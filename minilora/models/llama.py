@@ -57,7 +57,6 @@ __all__ = [
     "StaticKVCache",
     "apply_rotary",
     "build_attention_mask",
-    "generate_greedy",
     "position_ids_from_mask",
     "rope_inv_freq",
 ]
@@ -248,39 +247,3 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset_inv_freq(device)
-
-
-@torch.no_grad()
-def generate_greedy(
-    model: LlamaForCausalLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int | None = None,
-    attention_mask: torch.Tensor | None = None,
-    pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """Greedy decoding with a KV cache: returns (B, T + n) token ids, n <= max_new_tokens.
-
-    Like transformers' ``generate(do_sample=False)``: a sequence that produced ``eos_token_id`` is padded
-    with ``pad_token_id`` (default: the eos id) and decoding stops once every sequence has finished.
-    """
-    B, T = input_ids.shape
-    device = input_ids.device
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache(model.config, B, T + max_new_tokens, dtype=dtype, device=device)
-    mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens = [input_ids]
-    logits = model(input_ids, attention_mask=mask, cache=cache)
-    for step in range(max_new_tokens):
-        next_token = logits[:, -1].argmax(dim=-1)  # (B,)
-        if eos_token_id is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
-            finished = finished | (next_token == eos_token_id)
-        tokens.append(next_token[:, None])
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-        logits = model(next_token[:, None], attention_mask=mask, cache=cache)
-    return torch.cat(tokens, dim=1)

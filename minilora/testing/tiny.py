@@ -57,4 +57,3 @@ def make_tiny_model_dir(directory: str | Path, seed: int = 0, vocab_size: int = 
     save_pretrained(model, directory)
     byte_tokenizer().save(directory)
     return directory
-

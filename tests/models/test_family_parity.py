@@ -15,8 +15,9 @@ from family_testutil import FAMILIES, VOCAB, hf_positions, left_padded_batch, ra
 transformers = pytest.importorskip("transformers")
 
 import minilora.lora as ml  # noqa: E402
+from minilora.generate import generate_greedy  # noqa: E402
 from minilora.loading import QUANTIZABLE, from_pretrained, save_quantized  # noqa: E402
-from minilora.models.llama import KVCache, LlamaForCausalLM, generate_greedy  # noqa: E402
+from minilora.models.llama import KVCache, LlamaForCausalLM  # noqa: E402
 
 IDS = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
 
