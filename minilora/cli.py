@@ -165,15 +165,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from minilora.loading import from_pretrained
     from minilora.lora import load_adapter, merge_and_unload
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model_dir = _model_dir(args.model)
     out = Path(args.out)
     check_output(out, _inputs(args, model_dir))  # before any work: merging over the base would destroy it
     model = from_pretrained(model_dir)
     load_adapter(model, args.adapter)
-    merged = merge_and_unload(model, dtype=dtypes[args.dtype])
+    merged = merge_and_unload(model, dtype=getattr(torch, args.dtype))
     for p in merged.parameters():
-        p.data = p.data.to(dtypes[args.dtype])
+        p.data = p.data.to(getattr(torch, args.dtype))
     with output_directory(out) as tmp:  # written aside, swapped in whole: a failure leaves the old --out intact
         save_pretrained(merged, tmp)
         _copy_tokenizer(model_dir, tmp)
@@ -249,7 +248,7 @@ def cmd_footprint(args: argparse.Namespace) -> None:
         seq=args.seq,
         gradient_checkpointing=args.gradient_checkpointing,
         quantize=args.quantize,
-        dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
+        dtype=getattr(torch, args.dtype),  # float32 or bfloat16 (argparse choices)
     )
     _echo(train_footprint_report(target, setup))
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from minilora.errors import CheckpointError
 from minilora.io.safe_write import check_output, readable_disk_errors, staged_files, write_bytes
+from minilora.quant.state import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +448,7 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str | None:
     t = tensors.get("model.embed_tokens.weight")
     if t is None:
         return None
-    return str(t.dtype).removeprefix("torch.")
+    return dtype_name(t.dtype)
 
 
 def _replace_config(config: Any, quantization_config: dict[str, Any] | None, dtype: str | None) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from minilora.errors import CheckpointError
+from minilora.quant.state import dtype_name
 
 from .checkpoint import save_safetensors
 
@@ -170,10 +171,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """Convert a Llama or Gemma-3 GGUF file into a transformers-format directory; returns the directory.
 
@@ -190,7 +187,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     config = gemma3_config(gf) if gemma3 else llama_config(gf)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, path=gf.path)  # fail early on a bad vocab
     state = gemma3_state_dict(gf, config, dtype) if gemma3 else load_state_dict(gf, config, dtype)
-    config["torch_dtype"] = _dtype_name(dtype)
+    config["torch_dtype"] = dtype_name(dtype)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
