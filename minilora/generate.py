@@ -241,7 +241,7 @@ def stream_text(
         yield text[len(emitted) :]
 
 
-def generate_text(
+def generate_text(  # stream_text's signature: the same call, joined
     model: nn.Module,
     tokenizer: object,
     prompt: str,

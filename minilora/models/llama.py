@@ -83,7 +83,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(config, config.hidden_size)
             self.post_feedforward_layernorm = make_norm(config, config.hidden_size)
 
-    def forward(
+    def forward(  # Attention.forward's inputs, passed through
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = value
 
-    def forward(
+    def forward(  # LlamaModel.forward's inputs, passed through (transformers' names)
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
