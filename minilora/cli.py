@@ -44,10 +44,6 @@ def _model_dir(ref: str) -> Path:
     return resolve_model(None if ref in ("default", "") else ref)
 
 
-def _targets(text: str) -> list[str] | str:
-    return "all-linear" if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _quantize_arg(text: str) -> str | None:
     return None if text == "none" else text
 

@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -454,10 +454,3 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str | None:
 def _replace_config(config: Any, quantization_config: dict[str, Any] | None, dtype: str | None) -> Any:
     """A copy of a ModelConfig with a new quantization_config and torch_dtype."""
     return dataclasses.replace(config, quantization_config=quantization_config, torch_dtype=dtype or config.torch_dtype)
-
-
-def iter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time, in file order (streaming, for large checkpoints)."""
-    with CheckpointReader(path, allow_pickle=allow_pickle) as ckpt:
-        for key in ckpt.keys():
-            yield key, ckpt.get(key)
