@@ -10,7 +10,15 @@ import dataclasses
 
 import pytest
 import torch
-from family_testutil import FAMILIES, VOCAB, hf_positions, left_padded_batch, randomize_adapters, tiny_family_model
+
+from tests.models.family_testutil import (
+    FAMILIES,
+    VOCAB,
+    hf_positions,
+    left_padded_batch,
+    randomize_adapters,
+    tiny_family_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
