@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 QUESTION = "How much does this cost to the nearest dollar?"
 PRICE_PREFIX = "Price is $"
 
-# category -> (base price in dollars, example nouns for titles)
+# category -> (base price in dollars, example nouns for titles); a data table, its rows alike by shape
 CATEGORIES: dict[str, tuple[float, tuple[str, ...]]] = {
     "Kettle": (25, ("Kettle", "Tea Kettle")),
     "Frying Pan": (40, ("Frying Pan", "Skillet")),
