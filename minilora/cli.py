@@ -39,13 +39,9 @@ def _echo(text: str) -> None:
 
 
 def _model_dir(ref: str) -> Path:
-    from minilora.demo import resolve_model
+    from minilora.io.hub import resolve_model
 
     return resolve_model(None if ref in ("default", "") else ref)
-
-
-def _targets(text: str) -> list[str] | str:
-    return "all-linear" if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _quantize_arg(text: str) -> str | None:
@@ -66,7 +62,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> None:
-    from minilora.demo import DemoConfig, run_demo
+    from minilora_demo.price import DemoConfig, run_demo
 
     overrides = {
         k: v
@@ -165,15 +161,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from minilora.loading import from_pretrained
     from minilora.lora import load_adapter, merge_and_unload
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model_dir = _model_dir(args.model)
     out = Path(args.out)
     check_output(out, _inputs(args, model_dir))  # before any work: merging over the base would destroy it
     model = from_pretrained(model_dir)
     load_adapter(model, args.adapter)
-    merged = merge_and_unload(model, dtype=dtypes[args.dtype])
+    merged = merge_and_unload(model, dtype=getattr(torch, args.dtype))
     for p in merged.parameters():
-        p.data = p.data.to(dtypes[args.dtype])
+        p.data = p.data.to(getattr(torch, args.dtype))
     with output_directory(out) as tmp:  # written aside, swapped in whole: a failure leaves the old --out intact
         save_pretrained(merged, tmp)
         _copy_tokenizer(model_dir, tmp)
@@ -249,7 +244,7 @@ def cmd_footprint(args: argparse.Namespace) -> None:
         seq=args.seq,
         gradient_checkpointing=args.gradient_checkpointing,
         quantize=args.quantize,
-        dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype],
+        dtype=getattr(torch, args.dtype),  # float32 or bfloat16 (argparse choices)
     )
     _echo(train_footprint_report(target, setup))
 
@@ -318,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    # One add_parser + add_argument block per command: alike in shape, each the documentation of its command.
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
 
     p = sub.add_parser(

@@ -9,7 +9,7 @@
        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path), dir)``
        works from the adapter alone
 
-Defaults are the settings the demo proved on SmolLM2-135M (minilora.demo.DemoConfig): NF4 + double quant,
+Defaults are the settings the demo proved on SmolLM2-135M (minilora_demo.price.DemoConfig): NF4 + double quant,
 LoRA r=32, alpha=64 on all seven decoder projections, no dropout, lr 1.5e-3 with 4 warmup steps and a
 cosine to 10%, batch 8, gradient clipping at 1.0.
 """
@@ -155,18 +155,9 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
         if result.adapter_dir is not None:
             training = {"data": str(args.data), "records": summary.records, "examples": summary.examples}
             training.update({k: run_info["lora"][k] for k in ("r", "alpha", "dropout", "targets")})
-            training.update(
-                quantize=args.quantize,
-                steps=result.steps,
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                lr=args.lr,
-                warmup_steps=args.warmup_steps,
-                min_lr_ratio=args.min_lr_ratio,
-                max_length=args.max_length,
-                loss_on=args.loss_on,
-                data_sha256=run_info["data"]["sha256"],
-            )
+            training.update({k: getattr(config, k) for k in ("batch_size", "grad_accum", "lr", "warmup_steps")})
+            training.update(quantize=args.quantize, steps=result.steps, min_lr_ratio=config.min_lr_ratio)
+            training.update(max_length=args.max_length, loss_on=args.loss_on, data_sha256=run_info["data"]["sha256"])
             metrics: dict[str, Any] = {"final train loss": result.final_loss, "tokens": result.tokens}
             if result.eval_loss is not None:
                 metrics["final eval loss"] = result.eval_loss

@@ -88,6 +88,40 @@ def pick_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Gen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_loop(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    config: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """The one decoding loop: yield the next ids (B,) picked from ``logits`` (B, V), then ask ``step`` for the
+    logits after them, at most ``config.max_new_tokens`` times. The caller stops it early (``break``)."""
+    for i in range(config.max_new_tokens):
+        next_ids = pick_next(logits, config, generator)  # (B,)
+        yield next_ids
+        if i == config.max_new_tokens - 1:
+            return
+        logits = step(next_ids)
+
+
+def _new_cache(model: nn.Module, batch_size: int, max_len: int) -> KVCache:
+    param = next(model.parameters())
+    dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
+    return KVCache(model.config, batch_size, max_len, dtype=dtype, device=param.device)
+
+
+def _cached_step(model: nn.Module, cache: KVCache, mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``step`` for :func:`decode_loop`: (B,) new ids -> the logits (B, V) after them, the mask grown by one."""
+
+    def step(next_ids: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, S + 1)
+        return _last_logits(model, next_ids[:, None], mask, cache)
+
+    return step
+
+
 def _stop_set(eos_token_id: int | Sequence[int] | None, config: SamplingConfig) -> set[int]:
     stops = set(config.stop_ids)
     if isinstance(eos_token_id, int):
@@ -128,20 +162,14 @@ def stream_tokens(
             logits = decoder.prefill(ids)
             step = decoder.step
         else:
-            cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
-            cache = KVCache(model.config, 1, total, dtype=cache_dtype, device=param.device)
-            logits = _last_logits(model, ids, None, cache)
+            cache = _new_cache(model, 1, total)
+            logits, step = _last_logits(model, ids, None, cache), _cached_step(model, cache, None)
 
-            def step(t: torch.Tensor) -> torch.Tensor:
-                return _last_logits(model, t.reshape(1, 1), None, cache)
-
-        for i in range(config.max_new_tokens):
-            next_id = pick_next(logits, config, generator)  # (1,), on the device
+        for next_id in decode_loop(logits, step, config, generator):  # (1,), on the device
             token = int(next_id[0])
             yield token
-            if token in stops or i == config.max_new_tokens - 1:
+            if token in stops:
                 return
-            logits = step(next_id)
     finally:
         model.train(was_training)
 
@@ -213,7 +241,7 @@ def stream_text(
         yield text[len(emitted) :]
 
 
-def generate_text(
+def generate_text(  # stream_text's signature: the same call, joined
     model: nn.Module,
     tokenizer: object,
     prompt: str,
@@ -250,24 +278,51 @@ def greedy_batch(
         ids[i, T - len(p) :] = torch.tensor(p, device=device)
         mask[i, T - len(p) :] = 1
     stops = _stop_set(eos_token_id, SamplingConfig())
-    cache_dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else param.dtype
-    cache = KVCache(model.config, B, T + max_new_tokens, dtype=cache_dtype, device=device)
+    cache = _new_cache(model, B, T + max_new_tokens)
     was_training = model.training
     model.eval()
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     try:
         logits = _last_logits(model, ids, mask, cache)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(dim=-1)  # (B,)
+        for nxt in decode_loop(logits, _cached_step(model, cache, mask), SamplingConfig(max_new_tokens)):
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:
                     out[i].append(t)
                     done[i] = t in stops
-            if all(done) or step == max_new_tokens - 1:
+            if all(done):
                 break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-            logits = _last_logits(model, nxt[:, None], mask, cache)
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy decoding of a (B, T) batch: returns (B, T + n) token ids, n <= max_new_tokens.
+
+    Like transformers' ``generate(do_sample=False)``: a sequence that produced ``eos_token_id`` is padded
+    with ``pad_token_id`` (default: the eos id) and decoding stops once every sequence has finished.
+    """
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    cache = _new_cache(model, B, T + max_new_tokens)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens = [input_ids]
+    logits = _last_logits(model, input_ids, mask, cache)
+    for nxt in decode_loop(logits, _cached_step(model, cache, mask), SamplingConfig(max_new_tokens)):
+        if eos_token_id is not None:
+            nxt.copy_(torch.where(finished, torch.full_like(nxt, pad), nxt))  # in place: fed back as is
+            finished = finished | (nxt == eos_token_id)
+        tokens.append(nxt[:, None])
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    return torch.cat(tokens, dim=1)

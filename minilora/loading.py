@@ -39,6 +39,7 @@ from minilora.io.checkpoint import (
 from minilora.io.hub import resolve_model_dir
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaForCausalLM
+from minilora.quant.state import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def from_pretrained(
         for name, (kind, names) in plan.items():
             if kind == "prequantized":
                 new = _load_prequantized(ckpt, name, dtype, device, compute_dtype, threshold)
-                _replace_module(model, name, new)
+                model.set_submodule(name, new)
                 continue
             module = model.get_submodule(name)
             params = {p: _read(ckpt, f"{name}.{p}", dtype, device) for p in names}
@@ -102,7 +103,7 @@ def from_pretrained(
                     key = f"{name}.weight"
                     where = f"{ckpt.file_of(key)}: key {key!r}"
                     raise CheckpointError(f"{where}: cannot quantize to {quantize}: {e}") from e
-                _replace_module(model, name, new)
+                model.set_submodule(name, new)
             else:
                 for p, tensor in params.items():
                     setattr(module, p, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
@@ -217,12 +218,6 @@ def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: t
     return tensor
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _quantize_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -308,7 +303,7 @@ def quantization_config_of(model: nn.Module) -> dict[str, Any] | None:
         qc.update(
             bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=double,
-            bnb_4bit_compute_dtype=str(compute).removeprefix("torch."),
+            bnb_4bit_compute_dtype=dtype_name(compute),
         )
     else:
         qc["llm_int8_threshold"] = float(eight[0].threshold)
@@ -351,7 +346,7 @@ def save_quantized(model: LlamaForCausalLM, directory: str | os.PathLike, max_sh
         )
     tensors = quantized_tensors(model)
     check_output_is_not_source(model, directory)
-    embed_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    embed_dtype = dtype_name(model.model.embed_tokens.weight.dtype)
     config = dataclasses.replace(model.config, quantization_config=qc, torch_dtype=embed_dtype)
     files = {"config.json": config.to_json_bytes()}
     save_checkpoint(tensors, directory, max_shard_size=max_shard_size, extra_files=files)

@@ -115,8 +115,7 @@ def meta_training_model(config: ModelConfig, setup: TrainSetup) -> nn.Module:
         for layer in model.model.layers:
             for name, module in list(layer.named_modules()):
                 if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS:
-                    parent, _, child = name.rpartition(".")
-                    setattr(layer.get_submodule(parent), child, _meta_linear4bit(module, setup))
+                    layer.set_submodule(name, _meta_linear4bit(module, setup))
     add_lora(model, r=setup.r, alpha=2 * setup.r, target_modules=list(setup.targets))
     return model.train()
 

@@ -71,8 +71,9 @@ def test_bad_paths_give_one_clear_line_and_exit_1(tmp_path, capsys):
 
 
 def test_finetune_generate_merge_quantize_on_a_tiny_model(tmp_path, capsys):
-    from minilora.demo import make_tiny_model_dir, split_products
+    from minilora.testing.tiny import make_tiny_model_dir
     from minilora.train.data import write_jsonl
+    from minilora_demo.price import split_products
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     train_p, _, _ = split_products(16, 0, 0)

@@ -16,7 +16,7 @@ from minilora.loading import from_pretrained
 def test_export_both_formats(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from transformers import LlamaForCausalLM
 
-    from minilora.demo import make_tiny_model_dir
+    from minilora.testing.tiny import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "tiny")
     model = ml.add_lora(from_pretrained(model_dir), r=4, alpha=8, target_modules="all-linear")

@@ -30,7 +30,7 @@ def models(hf_tiny_llama_dir: Path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from minilora.demo import byte_tokenizer
+    from minilora.testing.tiny import byte_tokenizer
 
     return byte_tokenizer()
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from minilora import quant
 from minilora.io.checkpoint import CheckpointError
 from minilora.loading import QUANTIZABLE, from_pretrained, save_quantized
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
-quant = pytest.importorskip("minilora.quant")
 
 VOCAB = 128
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,6 @@ quantized lines are checked byte for byte on tiny checkpoints loaded by transfor
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -171,8 +170,7 @@ def test_footprint_command_prints_the_phi3_medium_counts(tmp_path: Path, capsys:
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_quantized_counts_equal_transformers_bitsandbytes(tmp_path: Path, family: str) -> None:
     pytest.importorskip("bitsandbytes")
-    sys.path.insert(0, str(Path(__file__).parent / "models"))
-    from family_testutil import tiny_family_model
+    from tests.models.family_testutil import tiny_family_model
 
     tiny_family_model(family).save_pretrained(tmp_path)
     fp = footprint(tmp_path)

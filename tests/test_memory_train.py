@@ -17,7 +17,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from minilora.demo import make_tiny_model_dir
+    from minilora.testing.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -42,7 +42,7 @@ def test_meta_trace_equals_what_a_real_forward_saves(tiny_dir: Path, quantize: s
 
 
 def test_llama31_8b_items_and_checkpointing(tmp_path: Path) -> None:
-    from test_memory import LLAMA31_8B  # tests/ is on sys.path (rootdir-relative imports)
+    from tests.test_memory import LLAMA31_8B
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(LLAMA31_8B))
@@ -60,9 +60,8 @@ def test_llama31_8b_items_and_checkpointing(tmp_path: Path) -> None:
 
 
 def test_footprint_train_cli(tmp_path: Path, capsys) -> None:
-    from test_memory import LLAMA31_8B  # tests/ is on sys.path (rootdir-relative imports)
-
     from minilora.cli import main
+    from tests.test_memory import LLAMA31_8B
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(LLAMA31_8B))

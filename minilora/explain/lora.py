@@ -24,6 +24,7 @@ from torch import nn
 from minilora.lora import LoRALinear, adapter_nbytes, adapter_state_dict, add_lora, lora_layers
 from minilora.lora import trainable_parameters_report as peft_line
 from minilora.models.config import ModelConfig
+from minilora.quant.state import dtype_name
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -190,7 +191,7 @@ def measure_merge(
 
 
 def lora_text(a: LoRAArithmetic, source: str, merges: list[MergeMeasurement] | None = None, key: str = "") -> str:
-    dtype = str(a.dtype).removeprefix("torch.")
+    dtype = dtype_name(a.dtype)
     out = [
         f"# LoRA r={a.r}, alpha={a.alpha:g} on {','.join(a.targets)} of {source}",
         "",

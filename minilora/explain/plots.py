@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from minilora.errors import CLIError
-from minilora.io.checkpoint import atomic_write_bytes
+from minilora.io.safe_write import atomic_write_bytes
 
 
 def new_figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:

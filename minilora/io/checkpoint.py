@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from minilora.errors import CheckpointError
 from minilora.io.safe_write import check_output, readable_disk_errors, staged_files, write_bytes
+from minilora.quant.state import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -341,13 +342,6 @@ def check_output_is_not_source(model: nn.Module, directory: str | os.PathLike) -
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
-    path = Path(path)
-    with staged_files(path.parent) as stage:
-        write_bytes(stage(path.name), data)
-
-
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
@@ -454,16 +448,9 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str | None:
     t = tensors.get("model.embed_tokens.weight")
     if t is None:
         return None
-    return str(t.dtype).removeprefix("torch.")
+    return dtype_name(t.dtype)
 
 
 def _replace_config(config: Any, quantization_config: dict[str, Any] | None, dtype: str | None) -> Any:
     """A copy of a ModelConfig with a new quantization_config and torch_dtype."""
     return dataclasses.replace(config, quantization_config=quantization_config, torch_dtype=dtype or config.torch_dtype)
-
-
-def iter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time, in file order (streaming, for large checkpoints)."""
-    with CheckpointReader(path, allow_pickle=allow_pickle) as ckpt:
-        for key in ckpt.keys():
-            yield key, ckpt.get(key)

@@ -18,33 +18,40 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from minilora.errors import CheckpointError
+from minilora.quant.state import dtype_name
 
-from .checkpoint import atomic_write_bytes, save_safetensors
+from .checkpoint import save_safetensors
 
 # The file format lives in gguf_format; its names are re-exported here for the importers of this module.
 from .gguf_format import (  # noqa: F401
+    BLOCK_RE,
     DEFAULT_ALIGNMENT,
     GGML_TYPES,
     GGUF_MAGIC,
+    PROJECTION_NAMES,
     GGMLType,
     GGUFFile,
     GGUFTensorInfo,
+    check_complete,
     dequantize,
     dequantize_q4_0,
     dequantize_q4_1,
     dequantize_q8_0,
+    f32_decimal,
+    meta_value,
     read_gguf,
+    rope_scaling_of,
+    special_token_ids,
 )
+from .safe_write import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +73,8 @@ _GLOBAL_NAMES = {
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    **PROJECTION_NAMES,
 }
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
 
 
 def hf_name(gguf_name: str, path: Path | str = "<gguf>") -> str:
@@ -84,7 +84,7 @@ def hf_name(gguf_name: str, path: Path | str = "<gguf>") -> str:
     """
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK_RE.fullmatch(gguf_name)
+    m = BLOCK_RE.fullmatch(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
     raise CheckpointError(f"{path}: tensor {gguf_name!r} has no transformers Llama equivalent")
@@ -103,39 +103,6 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(out_features, in_features)  # (heads * hd, in)
 
 
-def _meta(gf: GGUFFile, key: str, default: Any = None) -> Any:
-    """Metadata value `key`; without a default, a missing key is a ValueError naming file and key."""
-    if key in gf.metadata:
-        return gf.metadata[key]
-    if default is None:
-        raise CheckpointError(f"{gf.path}: missing metadata key {key!r}")
-    return default
-
-
-def _f32_decimal(x: float) -> float:
-    """Shortest decimal that round-trips a float32 (9.999999747378752e-06 -> 1e-05), as configs write it."""
-    return float(str(np.float32(x)))
-
-
-def rope_scaling_of(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
-    """`<arch>.rope.scaling.*` as a transformers rope_scaling dict (linear only), None without scaling."""
-    scaling_type = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling_type == "linear":
-        return {"type": "linear", "factor": _f32_decimal(_meta(gf, f"{arch}.rope.scaling.factor"))}
-    if scaling_type != "none":
-        raise CheckpointError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
-    return None
-
-
-def special_token_ids(gf: GGUFFile) -> dict[str, int | None]:
-    """bos/eos/pad token ids of the tokenizer metadata, as config.json keys (None where absent)."""
-    ids = {}
-    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
-        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
-        ids[key] = None if v is None else int(v)
-    return ids
-
-
 def llama_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers LlamaConfig dict from the GGUF metadata (`llama.*` keys) and tensor shapes."""
     arch = gf.metadata.get("general.architecture")
@@ -143,15 +110,15 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         raise CheckpointError(f"{gf.path}: general.architecture is {arch!r}; only 'llama' and 'gemma3' are supported")
     if "token_embd.weight" not in gf.tensors:
         raise CheckpointError(f"{gf.path}: missing tensor 'token_embd.weight'")
-    hidden = int(_meta(gf, "llama.embedding_length"))
-    n_heads = int(_meta(gf, "llama.attention.head_count"))
-    n_kv = int(_meta(gf, "llama.attention.head_count_kv", n_heads))
-    head_dim = int(_meta(gf, "llama.attention.key_length", hidden // n_heads))
-    rope_dim = int(_meta(gf, "llama.rope.dimension_count", head_dim))
+    hidden = int(meta_value(gf, "llama.embedding_length"))
+    n_heads = int(meta_value(gf, "llama.attention.head_count"))
+    n_kv = int(meta_value(gf, "llama.attention.head_count_kv", n_heads))
+    head_dim = int(meta_value(gf, "llama.attention.key_length", hidden // n_heads))
+    rope_dim = int(meta_value(gf, "llama.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise CheckpointError(f"{gf.path}: llama.rope.dimension_count={rope_dim} != head_dim {head_dim} (partial RoPE)")
     vocab_size = gf.tensors["token_embd.weight"].shape[0]
-    rope_theta = _f32_decimal(_meta(gf, "llama.rope.freq_base", 10000.0))
+    rope_theta = f32_decimal(meta_value(gf, "llama.rope.freq_base", 10000.0))
     rope_scaling = rope_scaling_of(gf, "llama")
     if "rope_freqs.weight" in gf.tensors:
         raise CheckpointError(f"{gf.path}: tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
@@ -160,16 +127,16 @@ def llama_config(gf: GGUFFile) -> dict[str, Any]:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(_meta(gf, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_meta(gf, "llama.block_count")),
+        "intermediate_size": int(meta_value(gf, "llama.feed_forward_length")),
+        "num_hidden_layers": int(meta_value(gf, "llama.block_count")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _f32_decimal(_meta(gf, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": f32_decimal(meta_value(gf, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": rope_theta,
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": int(_meta(gf, "llama.context_length", 2048)),
+        "max_position_embeddings": int(meta_value(gf, "llama.context_length", 2048)),
         "vocab_size": vocab_size,
         "tie_word_embeddings": "output.weight" not in gf.tensors,
         "attention_bias": False,
@@ -195,15 +162,6 @@ def load_state_dict(
     return state
 
 
-def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, block_names: Any) -> None:
-    """A ValueError naming the file and the first missing tensors unless every layer's tensors are there."""
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in block_names}
-    missing = sorted(expected - state.keys())
-    if missing:
-        raise CheckpointError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Writing the directory
 # ----------------------------------------------------------------------------------------------------
@@ -211,10 +169,6 @@ def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
@@ -233,7 +187,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     config = gemma3_config(gf) if gemma3 else llama_config(gf)
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, path=gf.path)  # fail early on a bad vocab
     state = gemma3_state_dict(gf, config, dtype) if gemma3 else load_state_dict(gf, config, dtype)
-    config["torch_dtype"] = _dtype_name(dtype)
+    config["torch_dtype"] = dtype_name(dtype)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ Read by `read_gguf`; minilora.io.gguf turns a Llama GGUF into a transformers-for
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,3 +281,59 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
         gf.tensors[name] = GGUFTensorInfo(name, tuple(reversed(ne)), gtype, start, n_bytes)
     return gf
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+# Shared by the Llama (io/gguf.py) and Gemma-3 (io/gguf_gemma3.py) importers.
+PROJECTION_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
+
+
+def meta_value(gf: GGUFFile, key: str, default: Any = None) -> Any:
+    """Metadata value `key`; without a default, a missing key is a ValueError naming file and key."""
+    if key in gf.metadata:
+        return gf.metadata[key]
+    if default is None:
+        raise CheckpointError(f"{gf.path}: missing metadata key {key!r}")
+    return default
+
+
+def f32_decimal(x: float) -> float:
+    """Shortest decimal that round-trips a float32 (9.999999747378752e-06 -> 1e-05), as configs write it."""
+    return float(str(np.float32(x)))
+
+
+def rope_scaling_of(gf: GGUFFile, arch: str) -> dict[str, Any] | None:
+    """`<arch>.rope.scaling.*` as a transformers rope_scaling dict (linear only), None without scaling."""
+    scaling_type = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        return {"type": "linear", "factor": f32_decimal(meta_value(gf, f"{arch}.rope.scaling.factor"))}
+    if scaling_type != "none":
+        raise CheckpointError(f"{gf.path}: {arch}.rope.scaling.type={scaling_type!r} is not supported")
+    return None
+
+
+def special_token_ids(gf: GGUFFile) -> dict[str, int | None]:
+    """bos/eos/pad token ids of the tokenizer metadata, as config.json keys (None where absent)."""
+    ids = {}
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = gf.metadata.get(f"tokenizer.ggml.{name}_token_id")
+        ids[key] = None if v is None else int(v)
+    return ids
+
+
+def check_complete(gf: GGUFFile, state: dict[str, torch.Tensor], n_layers: int, block_names: Any) -> None:
+    """A ValueError naming the file and the first missing tensors unless every layer's tensors are there."""
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    expected |= {f"model.layers.{i}.{m}.weight" for i in range(n_layers) for m in block_names}
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise CheckpointError(f"{gf.path}: missing tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")

@@ -16,16 +16,21 @@ post-attention, pre-feed-forward and post-feed-forward norms; attn_{q,k}_norm th
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from minilora.errors import CheckpointError
-from minilora.io.gguf import _f32_decimal, _meta, check_complete, rope_scaling_of, special_token_ids
-
-if TYPE_CHECKING:
-    from minilora.io.gguf_format import GGUFFile
+from minilora.io.gguf_format import (
+    BLOCK_RE,
+    PROJECTION_NAMES,
+    GGUFFile,
+    check_complete,
+    f32_decimal,
+    meta_value,
+    rope_scaling_of,
+    special_token_ids,
+)
 
 __all__ = ["GEMMA3_BLOCK_NAMES", "gemma3_config", "gemma3_state_dict"]
 
@@ -36,16 +41,9 @@ GEMMA3_BLOCK_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    **PROJECTION_NAMES,
 }
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.weight")
 SLIDING_WINDOW_PATTERN = 6
 
 
@@ -53,33 +51,33 @@ def gemma3_config(gf: GGUFFile) -> dict[str, Any]:
     """A transformers Gemma3TextConfig dict from the ``gemma3.*`` metadata and the tensor shapes."""
     if "token_embd.weight" not in gf.tensors:
         raise CheckpointError(f"{gf.path}: missing tensor 'token_embd.weight'")
-    n_layers = int(_meta(gf, "gemma3.block_count"))
-    hidden = int(_meta(gf, "gemma3.embedding_length"))
-    n_heads = int(_meta(gf, "gemma3.attention.head_count"))
-    head_dim = int(_meta(gf, "gemma3.attention.key_length", hidden // n_heads))
+    n_layers = int(meta_value(gf, "gemma3.block_count"))
+    hidden = int(meta_value(gf, "gemma3.embedding_length"))
+    n_heads = int(meta_value(gf, "gemma3.attention.head_count"))
+    head_dim = int(meta_value(gf, "gemma3.attention.key_length", hidden // n_heads))
 
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
         "hidden_size": hidden,
-        "intermediate_size": int(_meta(gf, "gemma3.feed_forward_length")),
+        "intermediate_size": int(meta_value(gf, "gemma3.feed_forward_length")),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_meta(gf, "gemma3.attention.head_count_kv", n_heads)),
+        "num_key_value_heads": int(meta_value(gf, "gemma3.attention.head_count_kv", n_heads)),
         "head_dim": head_dim,
         "query_pre_attn_scalar": head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": _f32_decimal(_meta(gf, "gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32_decimal(_meta(gf, "gemma3.rope.freq_base", 1_000_000.0)),
+        "rms_norm_eps": f32_decimal(meta_value(gf, "gemma3.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": f32_decimal(meta_value(gf, "gemma3.rope.freq_base", 1_000_000.0)),
         "rope_local_base_freq": 10000.0,
         "rope_scaling": rope_scaling_of(gf, "gemma3"),
-        "sliding_window": int(_meta(gf, "gemma3.attention.sliding_window")),
+        "sliding_window": int(meta_value(gf, "gemma3.attention.sliding_window")),
         "layer_types": [
             "sliding_attention" if (i + 1) % SLIDING_WINDOW_PATTERN else "full_attention" for i in range(n_layers)
         ],
         "final_logit_softcapping": gf.metadata.get("gemma3.final_logit_softcapping"),
         "attn_logit_softcapping": None,
-        "max_position_embeddings": int(_meta(gf, "gemma3.context_length", 32768)),
+        "max_position_embeddings": int(meta_value(gf, "gemma3.context_length", 32768)),
         "vocab_size": gf.tensors["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in gf.tensors,
         "attention_bias": False,
@@ -93,7 +91,7 @@ def gemma3_hf_name(name: str, path: object) -> str:
         return _GLOBAL[name]
     if name == "output.weight":
         return "lm_head.weight"
-    m = _BLOCK_RE.fullmatch(name)
+    m = BLOCK_RE.fullmatch(name)
     if m and m.group(2) in GEMMA3_BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{GEMMA3_BLOCK_NAMES[m.group(2)]}.weight"
     raise CheckpointError(f"{path}: tensor {name!r} has no transformers Gemma-3 equivalent")

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from minilora.io.checkpoint import atomic_write_bytes
 from minilora.io.gguf_format import DEFAULT_ALIGNMENT, GGML_TYPES, GGUF_MAGIC, GGMLType
+from minilora.io.safe_write import atomic_write_bytes
 
 GGML_BY_NAME: dict[str, GGMLType] = {t.name: t for t in GGML_TYPES.values()}
 _U32, _I32, _F32, _BOOL, _STRING, _ARRAY, _U64, _I64 = 4, 5, 6, 7, 8, 9, 10, 11

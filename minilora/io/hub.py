@@ -72,3 +72,14 @@ def resolve_model_dir(
     except HFValidationError as e:
         raise FileNotFoundError(f"{ref!r} is neither an existing directory nor a valid hub model id: {e}") from e
     return Path(local)
+
+
+def resolve_model(ref: str | os.PathLike | None) -> Path:
+    """A model reference (None = the default GGUF, a .gguf file, a directory or a hub id) -> a directory."""
+    from minilora.io.gguf import default_model_path, gguf_to_dir_cached
+
+    if ref is None:
+        return gguf_to_dir_cached(default_model_path())
+    if os.fspath(ref).endswith(".gguf"):
+        return gguf_to_dir_cached(ref)
+    return resolve_model_dir(ref)

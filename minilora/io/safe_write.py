@@ -175,3 +175,10 @@ def staged_files(directory: str | os.PathLike) -> Iterator[Callable[[str], Path]
     for final, tmp in staged.items():
         os.replace(tmp, final)
     fsync_dir(directory)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
+    path = Path(path)
+    with staged_files(path.parent) as stage:
+        write_bytes(stage(path.name), data)

@@ -36,7 +36,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from minilora.errors import CheckpointError
-from minilora.io.checkpoint import atomic_write_bytes
+from minilora.io.safe_write import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gguf_path: str | os.PathLike) -> Tokenizer:
         """The tokenizer stored in a GGUF file."""
-        from minilora.io.gguf import read_gguf
+        from minilora.io.gguf_format import read_gguf
 
         gf = read_gguf(gguf_path)
         return tokenizer_from_gguf_metadata(gf.metadata, gf.path)
@@ -284,21 +284,10 @@ class Tokenizer:
         tok = _token_content(self.config.get(f"{name}_token"))
         return None if tok is None else self.tokenizer.token_to_id(tok)
 
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk")
+    bos_token_id = property(lambda self: self._special_id("bos"), doc="the id of bos_token (None: none)")
+    eos_token_id = property(lambda self: self._special_id("eos"), doc="the id of eos_token (None: none)")
+    pad_token_id = property(lambda self: self._special_id("pad"), doc="the id of pad_token (None: none)")
+    unk_token_id = property(lambda self: self._special_id("unk"), doc="the id of unk_token (None: none)")
 
     @property
     def vocab_size(self) -> int:

@@ -31,12 +31,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _configs(model: nn.Module) -> dict[str, LoRAConfig]:
     configs = getattr(model, "lora_configs", None)
     if configs is None:
@@ -116,7 +110,7 @@ def add_lora(
             layer = LoRALinear(module, r_i, alpha_i, adapter_name=adapter_name, **settings)
             if current is not None:
                 layer.set_adapter(current)  # a new layer follows the model's active adapter
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
     _add_full_modules(model, config, adapter_name, current)
     configs[adapter_name] = config
     _update_trainable(model)
@@ -132,7 +126,7 @@ def _add_full_modules(model: nn.Module, config: LoRAConfig, adapter_name: str, c
         else:
             wrapper = ModulesToSave(module, adapter_name)
             wrapper.active_adapter = current or adapter_name
-            _set_submodule(model, name, wrapper)
+            model.set_submodule(name, wrapper)
     for name, indices in token_targets(model, config.trainable_token_indices).items():
         module = model.get_submodule(name)
         if isinstance(module, TrainableTokens):
@@ -140,7 +134,7 @@ def _add_full_modules(model: nn.Module, config: LoRAConfig, adapter_name: str, c
         else:
             wrapper = TrainableTokens(module, adapter_name, indices)
             wrapper.active_adapter = current or adapter_name
-            _set_submodule(model, name, wrapper)
+            model.set_submodule(name, wrapper)
 
 
 def adapter_modules(model: nn.Module) -> list[tuple[str, LoRALinear | FullModule]]:
@@ -221,9 +215,9 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     transformers-format checkpoint writer.
     """
     for name, layer in lora_layers(model):
-        _set_submodule(model, name, layer.to_linear(dtype))
+        model.set_submodule(name, layer.to_linear(dtype))
     for name, module in extra_modules(model):
-        _set_submodule(model, name, module.unwrapped())
+        model.set_submodule(name, module.unwrapped())
     if hasattr(model, "tie_weights") and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.tie_weights()
     if hasattr(model, "lora_configs"):

@@ -8,7 +8,6 @@ docs/formats.md section 5.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,10 +97,6 @@ class LoRAConfig:
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {value!r}")
-
-    def scaling_for(self, r: int, alpha: float) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, section 3)."""
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def to_peft_dict(self, resolved_targets: list[str] | None = None) -> dict[str, Any]:
         """The adapter_config.json content peft 0.21 writes for this config.

@@ -44,11 +44,6 @@ def check_init(init: str) -> str:
     )
 
 
-def changes_base(init: str) -> bool:
-    """True for the initialisations that rewrite the base weight (PiSSA, OLoRA, LoftQ)."""
-    return init not in SIMPLE_INITS
-
-
 @torch.no_grad()
 def pissa_init(
     weight: torch.Tensor, r: int, scaling: float, niter: int | None = None

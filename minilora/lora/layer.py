@@ -149,7 +149,7 @@ class LoRALinear(nn.Module):
     def quantized(self) -> bool:
         return is_quantized_linear(self.base_layer)
 
-    def add_adapter(
+    def add_adapter(  # __init__'s adapter arguments (peft's update_layer takes the same)
         self,
         name: str,
         r: int,

@@ -33,8 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from minilora.errors import AdapterError
-from minilora.io.checkpoint import atomic_write_bytes
-from minilora.io.safe_write import staged_files, write_bytes
+from minilora.io.safe_write import atomic_write_bytes, staged_files, write_bytes
 from minilora.lora.api import _configs, add_lora, lora_layers
 from minilora.lora.config import LoRAConfig
 from minilora.lora.extras import ModulesToSave, extra_modules, save_targets, token_targets

@@ -351,7 +351,7 @@ class ModelConfig:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write config.json atomically."""
-        from minilora.io.checkpoint import atomic_write_bytes
+        from minilora.io.safe_write import atomic_write_bytes
 
         atomic_write_bytes(os.fspath(path), self.to_json_bytes())
 

@@ -12,7 +12,7 @@ Names are transformers' (``self_attn.q_proj``, ``mlp.gate_up_proj`` ...), so che
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,12 @@ from torch import nn
 from minilora.models.config import ModelConfig
 from minilora.models.rope import apply_rotary
 
-if TYPE_CHECKING:
-    from minilora.models.llama import KVCache, StaticKVCache
-
 __all__ = [
     "MLP",
     "Attention",
+    "KVCache",
     "RMSNorm",
+    "StaticKVCache",
     "build_attention_mask",
     "make_norm",
     "position_ids_from_mask",
@@ -235,3 +234,97 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class KVCache:
+    """Pre-allocated keys and values for every layer, written in place during generation.
+
+    ``keys[i]`` / ``values[i]``: (batch_size, num_key_value_heads, max_len, head_dim); ``length`` counts
+    the positions already stored. The model calls :meth:`update` once per layer and :meth:`advance` once
+    per forward; callers only create the cache, read ``length`` and may :meth:`reset` it.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) after the cached positions; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: {end} positions needed, max_len={self.max_len}")
+        self.keys[layer_idx][:, :, self.length : end] = k
+        self.values[layer_idx][:, :, self.length : end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]  # (B, n_kv, S, hd)
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions as stored (called by the model after all layers ran)."""
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget every stored position (the buffers are reused)."""
+        self.length = 0
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every shape and address stays fixed while decoding: one token is one CUDA graph.
+
+    Where :class:`KVCache` returns the keys stored so far (a length that grows, decided on the host), this
+    one always returns all ``max_len`` slots and masks the unused ones; the next slot and each row's next
+    position live in device tensors, advanced in place (gpt-fast's static cache). ``valid`` (B, max_len)
+    marks slots holding a real token (left padding of a batched prompt stays invalid).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # KVCache's arguments
+        super().__init__(*args, **kwargs)
+        batch_size, max_len, device = self.batch_size, self.max_len, self.keys[0].device
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # next slot, shared by the rows
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._slots = torch.arange(max_len, device=device)
+
+    def begin(
+        self, T: int, attention_mask: torch.Tensor | None, windows: set[int | None]
+    ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
+        """Positions (B, T) and one mask (B, 1, T, max_len) per window for T new tokens; marks their slots."""
+        new = self.slot + self._slots[:T]  # (T,) slots written by this forward
+        real = torch.ones(self.batch_size, T, dtype=torch.long, device=new.device)
+        if attention_mask is not None:  # a left-padded prompt: (B, T) 1 = token
+            real = attention_mask[:, -T:].long()
+        position_ids = self.next_pos[:, None] + real.cumsum(-1) - 1  # (B, T)
+        self.valid[:, new] = real.bool()
+        causal = self._slots[None, :] <= new[:, None]  # (T, S)
+        masks = {}
+        for window in windows:
+            allowed = causal if window is None else causal & (self._slots[None, :] > new[:, None] - window)
+            allowed = allowed[None] & self.valid[:, None, :]  # (B, T, S)
+            masks[window] = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, T, S)
+        self.next_pos += real.sum(-1)
+        self._new = new
+        return position_ids.clamp(min=0), masks
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) into this forward's slots; return every slot (B, n_kv, max_len, hd)."""
+        self.keys[layer_idx].index_copy_(2, self._new, k)
+        self.values[layer_idx].index_copy_(2, self._new, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, n: int) -> None:
+        self.slot += n  # in place: a captured graph replays it
+
+    def reset(self) -> None:
+        self.slot.zero_()
+        self.next_pos.zero_()
+        self.valid.zero_()

@@ -38,7 +38,9 @@ from minilora.models.config import ModelConfig
 from minilora.models.layers import (
     MLP,
     Attention,
+    KVCache,
     RMSNorm,
+    StaticKVCache,
     build_attention_mask,
     make_norm,
     position_ids_from_mask,
@@ -55,121 +57,9 @@ __all__ = [
     "StaticKVCache",
     "apply_rotary",
     "build_attention_mask",
-    "generate_greedy",
     "position_ids_from_mask",
     "rope_inv_freq",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- cache
-def _kv_buffers(
-    config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed keys and values for every layer, each (batch_size, num_key_value_heads, max_len, head_dim)."""
-    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-
-    def zeros() -> list[torch.Tensor]:
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-
-    return zeros(), zeros()
-
-
-class KVCache:
-    """Pre-allocated keys and values for every layer, written in place during generation.
-
-    ``keys[i]`` / ``values[i]``: (batch_size, num_key_value_heads, max_len, head_dim); ``length`` counts
-    the positions already stored. The model calls :meth:`update` once per layer and :meth:`advance` once
-    per forward; callers only create the cache, read ``length`` and may :meth:`reset` it.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.keys, self.values = _kv_buffers(config, batch_size, max_len, dtype, device)
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.length = 0
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) after the cached positions; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache overflow: {end} positions needed, max_len={self.max_len}")
-        self.keys[layer_idx][:, :, self.length : end] = k
-        self.values[layer_idx][:, :, self.length : end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]  # (B, n_kv, S, hd)
-
-    def advance(self, n: int) -> None:
-        """Mark n more positions as stored (called by the model after all layers ran)."""
-        self.length += n
-
-    def reset(self) -> None:
-        """Forget every stored position (the buffers are reused)."""
-        self.length = 0
-
-
-class StaticKVCache:
-    """A KV cache whose every shape and address stays fixed while decoding: one token is one CUDA graph.
-
-    Where :class:`KVCache` returns the keys stored so far (a length that grows, decided on the host), this
-    one always returns all ``max_len`` slots and masks the unused ones; the next slot and each row's next
-    position live in device tensors, advanced in place (gpt-fast's static cache). ``valid`` (B, max_len)
-    marks slots holding a real token (left padding of a batched prompt stays invalid).
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.keys, self.values = _kv_buffers(config, batch_size, max_len, dtype, device)
-        self.batch_size, self.max_len = batch_size, max_len
-        self.slot = torch.zeros((), dtype=torch.long, device=device)  # next slot, shared by the rows
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's next position
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self._slots = torch.arange(max_len, device=device)
-
-    def begin(
-        self, T: int, attention_mask: torch.Tensor | None, windows: set[int | None]
-    ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
-        """Positions (B, T) and one mask (B, 1, T, max_len) per window for T new tokens; marks their slots."""
-        new = self.slot + self._slots[:T]  # (T,) slots written by this forward
-        real = torch.ones(self.batch_size, T, dtype=torch.long, device=new.device)
-        if attention_mask is not None:  # a left-padded prompt: (B, T) 1 = token
-            real = attention_mask[:, -T:].long()
-        position_ids = self.next_pos[:, None] + real.cumsum(-1) - 1  # (B, T)
-        self.valid[:, new] = real.bool()
-        causal = self._slots[None, :] <= new[:, None]  # (T, S)
-        masks = {}
-        for window in windows:
-            allowed = causal if window is None else causal & (self._slots[None, :] > new[:, None] - window)
-            allowed = allowed[None] & self.valid[:, None, :]  # (B, T, S)
-            masks[window] = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]  # (B, 1, T, S)
-        self.next_pos += real.sum(-1)
-        self._new = new
-        return position_ids.clamp(min=0), masks
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) into this forward's slots; return every slot (B, n_kv, max_len, hd)."""
-        self.keys[layer_idx].index_copy_(2, self._new, k)
-        self.values[layer_idx].index_copy_(2, self._new, v)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def advance(self, n: int) -> None:
-        self.slot += n  # in place: a captured graph replays it
-
-    def reset(self) -> None:
-        self.slot.zero_()
-        self.next_pos.zero_()
-        self.valid.zero_()
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -193,7 +83,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(config, config.hidden_size)
             self.post_feedforward_layernorm = make_norm(config, config.hidden_size)
 
-    def forward(
+    def forward(  # Attention.forward's inputs, passed through
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -323,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self.model.gradient_checkpointing = value
 
-    def forward(
+    def forward(  # LlamaModel.forward's inputs, passed through (transformers' names)
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -357,39 +247,3 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset_inv_freq(device)
-
-
-@torch.no_grad()
-def generate_greedy(
-    model: LlamaForCausalLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int | None = None,
-    attention_mask: torch.Tensor | None = None,
-    pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """Greedy decoding with a KV cache: returns (B, T + n) token ids, n <= max_new_tokens.
-
-    Like transformers' ``generate(do_sample=False)``: a sequence that produced ``eos_token_id`` is padded
-    with ``pad_token_id`` (default: the eos id) and decoding stops once every sequence has finished.
-    """
-    B, T = input_ids.shape
-    device = input_ids.device
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache(model.config, B, T + max_new_tokens, dtype=dtype, device=device)
-    mask = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
-    pad = eos_token_id if pad_token_id is None else pad_token_id
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens = [input_ids]
-    logits = model(input_ids, attention_mask=mask, cache=cache)
-    for step in range(max_new_tokens):
-        next_token = logits[:, -1].argmax(dim=-1)  # (B,)
-        if eos_token_id is not None:
-            next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
-            finished = finished | (next_token == eos_token_id)
-        tokens.append(next_token[:, None])
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, S + 1)
-        logits = model(next_token[:, None], attention_mask=mask, cache=cache)
-    return torch.cat(tokens, dim=1)

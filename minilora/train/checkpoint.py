@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from minilora.errors import AdapterError, CheckpointError
-from minilora.io.safe_write import readable_disk_errors
+from minilora.io.safe_write import fsync_dir, readable_disk_errors
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -46,14 +46,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -180,8 +172,8 @@ def save_checkpoint(
         state_path = tmp / STATE_NAME
         state_path.write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n", encoding="utf-8")
         _fsync_file(state_path)  # written last: its presence marks the checkpoint complete
-        _fsync_dir(tmp / "adapter")
-        _fsync_dir(tmp)
+        fsync_dir(tmp / "adapter")
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): swap the old one out
             old = root / f".tmp-old-{final.name}"
             os.rename(final, old)
@@ -189,7 +181,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -75,7 +75,7 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------- records
-def _record_from(obj: Any, where: str) -> Record:
+def record_from(obj: Any, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected an object with 'prompt' and 'completion', got {type(obj).__name__}")
     missing = [k for k in ("prompt", "completion") if k not in obj]
@@ -93,24 +93,13 @@ def records_from_list(items: Iterable[dict[str, Any] | Record]) -> list[Record]:
     """Records from Python dicts ({"prompt", "completion"}) or Records; errors name the item index."""
     out = []
     for i, item in enumerate(items):
-        out.append(item if isinstance(item, Record) else _record_from(item, f"record {i}"))
+        out.append(item if isinstance(item, Record) else record_from(item, f"record {i}"))
     return out
-
-
-def load_jsonl(path: str | os.PathLike) -> list[Record]:
-    """Prompt/completion records from a JSON Lines file, one object per line (blank lines are skipped).
-
-    Errors (DatasetError) name the file and the 1-based line: bad JSON or UTF-8, a non-object, a missing
-    or non-string field. For the other formats (text, messages; JSON and CSV) see minilora.train.datasets.
-    """
-    from minilora.train.datasets import read_rows
-
-    return [_record_from(row.data, row.where) for row in read_rows(path, kind="jsonl")]
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> None:
     """Write records as JSON Lines (atomically)."""
-    from minilora.io.checkpoint import atomic_write_bytes
+    from minilora.io.safe_write import atomic_write_bytes
 
     text = "".join(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n" for r in records)
     atomic_write_bytes(path, text.encode("utf-8"))

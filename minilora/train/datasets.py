@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from minilora.errors import DatasetError
-from minilora.train.data import IGNORE_INDEX, Example, Record, tokenize_record
+from minilora.train.data import IGNORE_INDEX, Example, Record, record_from, tokenize_record
 
 FORMATS = ("prompt_completion", "text", "messages")
 LOSS_ON = ("assistant", "completion", "all")
@@ -388,3 +388,12 @@ def split_eval(rows: Sequence[Row], fraction: float, seed: int = 0) -> tuple[lis
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(perm[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Record]:
+    """Prompt/completion records from a JSON Lines file, one object per line (blank lines are skipped).
+
+    Errors (DatasetError) name the file and the 1-based line: bad JSON or UTF-8, a non-object, a missing
+    or non-string field. For the other formats (text, messages; JSON and CSV) see below.
+    """
+    return [record_from(row.data, row.where) for row in read_rows(path, kind="jsonl")]

@@ -346,22 +346,185 @@ def _apply_changes(optimizer: torch.optim.Optimizer, scheduler: Any, config: Tra
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _save(
-    out: Path,
-    step: int,
+@dataclass
+class _Run:
+    """The state one run carries from step to step: what the named steps of :func:`train` read and advance."""
+
+    model: nn.Module
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    order: DataOrder
+    total_steps: int
+    identity: dict[str, Any]
+    pad_token_id: int
+    t_start: float
+    step: int = 0
+    tokens_seen: int = 0
+    graphed: Any = None  # a CUDAGraphStep when the whole step is one CUDA graph
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+    warmup_s: float | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def _data(train_examples: Sequence[Example], plan: Any) -> Sequence[Example]:
+    """Data: the examples as the chosen path reads them (packed into rows of ``plan.pack_length``)."""
+    return pack_first_fit(train_examples, plan.pack_length) if plan.pack_length else train_examples
+
+
+def _new_run(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    order: DataOrder,
-    tokens: int,
+    params: list[nn.Parameter],
+    examples: Sequence[Example],
     config: TrainConfig,
-    graphed: Any,
+    plan: Any,
     identity: dict[str, Any],
-) -> None:
-    """Checkpoint step ``step`` with the run's identity (minilora.train.run) in its trainer state."""
-    trainer_state = {"data": order.state_dict(), "tokens": tokens, "config": _jsonable(config), "run": identity}
-    extra_rng = {"graph": graphed.rng_state()} if graphed is not None else None
-    ckpt_io.save_checkpoint(out, step, model, optimizer, scheduler, trainer_state, config.keep_last, extra_rng)
+    pad: int,
+    t_start: float,
+) -> _Run:
+    """Optimizer, warmup + cosine schedule and data order, on a model set up for the chosen path."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        capturable=plan.cuda_graph,  # the step count lives on the GPU, where the graph reads it
+    )
+    order = DataOrder(examples, config.batch_size, seed=config.seed, pad_token_id=pad)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio)
+    )
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = config.gradient_checkpointing
+    if config.offload_checkpoints:
+        if not (config.gradient_checkpointing and hasattr(getattr(model, "model", None), "checkpoint_fn")):
+            raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing and a minilora decoder")
+        if plan.cuda_graph:
+            raise ValueError("TrainConfig.offload_checkpoints runs in the eager loop: set cuda_graph=False")
+        from minilora.train.offload import offloaded_checkpoint
+
+        model.model.checkpoint_fn = offloaded_checkpoint
+    device = next(model.parameters()).device
+    out = Path(config.output_dir)
+    return _Run(model, config, out, device, params, optimizer, scheduler, order, total_steps, identity, pad, t_start)
+
+
+def _restore(run: _Run, ckpt: ckpt_io.CheckpointPaths, plan: Any, allow_changes: bool) -> tuple[dict, list[str]]:
+    """Checkpoint (read): every state of ``ckpt`` into the run, refusing a checkpoint of another run."""
+    state = ckpt_io.load_checkpoint_state(ckpt)
+    _, changes = check_resume(run.out, state["trainer_state"].get("run"), run.identity, allow_changes, ckpt.step)
+    ckpt_io.load_adapter_weights_into(run.model, ckpt.adapter)
+    run.optimizer.load_state_dict(state["optimizer"])
+    _match_capturable(run.optimizer, plan.cuda_graph)
+    run.scheduler.load_state_dict(state["scheduler"])
+    if changes:
+        _apply_changes(run.optimizer, run.scheduler, run.config, ckpt.step)
+    ckpt_io.set_rng_state(state["rng"])
+    run.order.load_state_dict(state["trainer_state"]["data"])
+    run.step = ckpt.step
+    run.tokens_seen = int(state["trainer_state"].get("tokens", 0))
+    kept = [m for m in read_metrics(run.metrics_path) if m.get("step", 0) <= run.step]
+    if changes:
+        kept.append({"step": run.step, "event": "resumed with changes", "changes": changes})
+    rewrite_metrics(run.metrics_path, kept)
+    logger.info("resumed from %s (step %d)", ckpt.directory, run.step)
+    return state, changes
+
+
+def _capture(run: _Run, rng: dict[str, Any] | None) -> None:
+    """Step (CUDA path): the whole optimizer step as one graph, its dropout streams restored on resume."""
+    from minilora.train.cuda_graph import CUDAGraphStep
+
+    config, device = run.config, run.device
+
+    def graph_loss(m: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        # autocast's weight cache would hold tensors of the capture: off inside graphs
+        return accumulated_causal_lm_loss(m, *inputs, autocast=_autocast(config, device, cache_enabled=False))
+
+    run.graphed = CUDAGraphStep(
+        run.model, run.optimizer, graph_loss, max_grad_norm=config.max_grad_norm, seed=config.seed, backward=False
+    )
+    if rng is not None:
+        run.graphed.set_rng_state(rng.get("graph", {}))
+
+
+def _step(run: _Run, micro: list[Batch], n_step: int, pad_multiple: int) -> tuple[float, float | None]:
+    """Step: one optimizer step over ``micro`` (``n_step`` completion tokens); returns (loss, grad norm)."""
+    config, grad_norm = run.config, None
+    if run.graphed is not None:  # the whole step, replayed
+        inputs = pad_micro_batches(micro, config.batch_size, pad_multiple, run.pad_token_id)
+        loss = float(run.graphed(*inputs))
+        if run.graphed.grad_norm is not None:
+            grad_norm = float(run.graphed.grad_norm)
+        run.scheduler.step()
+        run.graphed.adopt_lrs()
+        return loss, grad_norm
+    loss_total = 0.0
+    for batch in micro:
+        with _autocast(config, run.device):
+            loss_sum, _ = causal_lm_loss(run.model, batch)
+        (loss_sum / n_step).backward()
+        loss_total += float(loss_sum.detach())
+    if config.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_total / n_step, grad_norm
+
+
+def _log_record(run: _Run, loss: float, lr: float, grad_norm: float | None, step_tokens: int, dt: float) -> dict:
+    """Log: the metrics line of the step just taken."""
+    order = run.order
+    return {
+        "step": run.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "epoch": order.epoch + order.index / order.batches_per_epoch,
+        "tokens": run.tokens_seen,
+        "tokens_per_s": step_tokens / dt,
+        "elapsed_s": time.perf_counter() - run.t_start,
+    }
+
+
+def _eval(run: _Run, eval_examples: Sequence[Example] | None) -> dict[str, Any] | None:
+    """Eval: the eval loss every ``eval_every`` steps and at the end; its metrics line, or None."""
+    config, step = run.config, run.step
+    if not eval_examples or not ((config.eval_every and step % config.eval_every == 0) or step == run.total_steps):
+        return None
+    run.eval_loss = evaluate(run.model, eval_examples, config.eval_batch_size, run.pad_token_id, config)
+    logger.info("step %d: eval loss %.4f", step, run.eval_loss)
+    return {"step": step, "eval_loss": run.eval_loss}
+
+
+def _checkpoint(run: _Run, metrics_file: Any) -> None:
+    """Checkpoint (write): every ``save_every`` steps and at the end, the metrics synced first."""
+    config, step = run.config, run.step
+    if not ((config.save_every and step % config.save_every == 0) or step == run.total_steps):
+        return
+    metrics_file.flush()
+    os.fsync(metrics_file.fileno())
+    order = run.order
+    trainer_state = {
+        "data": order.state_dict(),
+        "tokens": run.tokens_seen,
+        "config": _jsonable(config),
+        "run": run.identity,
+    }
+    extra_rng = {"graph": run.graphed.rng_state()} if run.graphed is not None else None
+    ckpt_io.save_checkpoint(
+        run.out, step, run.model, run.optimizer, run.scheduler, trainer_state, config.keep_last, extra_rng
+    )
 
 
 def train(
@@ -388,190 +551,100 @@ def train(
     The final step is always checkpointed, so a finished run can be continued with more steps.
     """
     t_start = time.perf_counter()
-    out = Path(config.output_dir)
-    device = next(model.parameters()).device
-    params = adapter_parameters(model)
+    params = adapter_parameters(model)  # refuses a model with nothing to train, before any file is written
     plan = choose_path(model, train_examples, config)
     logger.info(plan.describe())
-    if plan.pack_length:
-        train_examples = pack_first_fit(train_examples, plan.pack_length)
+    examples = _data(train_examples, plan)
     identity = run_identity(config, run_info)
 
-    # 1. the run directory: a fresh run, or the run it continues
+    # the run directory: a fresh run, or the run it continues
+    out = Path(config.output_dir)
     ckpt_io.clean_temp_dirs(out)
     ckpt = _find_checkpoint(out, resume)
     if ckpt is None:
         start_fresh(out, identity, overwrite)
-    metrics_path = out / "metrics.jsonl"
-
-    # 2. optimizer, schedule, data order
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.lr,
-        betas=config.betas,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        capturable=plan.cuda_graph,  # the step count lives on the GPU, where the graph reads it
-    )
-    order = DataOrder(train_examples, config.batch_size, seed=config.seed, pad_token_id=pad_token_id)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * order.batches_per_epoch / config.grad_accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, config.warmup_steps, total_steps, config.min_lr_ratio)
-    )
-    if hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = config.gradient_checkpointing
-    if config.offload_checkpoints:
-        if not (config.gradient_checkpointing and hasattr(getattr(model, "model", None), "checkpoint_fn")):
-            raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing and a minilora decoder")
-        if plan.cuda_graph:
-            raise ValueError("TrainConfig.offload_checkpoints runs in the eager loop: set cuda_graph=False")
-        from minilora.train.offload import offloaded_checkpoint
-
-        model.model.checkpoint_fn = offloaded_checkpoint
-
-    # 3. restore a checkpoint (every state), refusing one of another run
-    start_step, tokens_seen, resumed_from, changes = 0, 0, None, []
-    if ckpt is not None:
-        state = ckpt_io.load_checkpoint_state(ckpt)
-        _, changes = check_resume(out, state["trainer_state"].get("run"), identity, allow_changes, ckpt.step)
-        ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
-        optimizer.load_state_dict(state["optimizer"])
-        _match_capturable(optimizer, plan.cuda_graph)
-        scheduler.load_state_dict(state["scheduler"])
-        if changes:
-            _apply_changes(optimizer, scheduler, config, ckpt.step)
-        ckpt_io.set_rng_state(state["rng"])
-        order.load_state_dict(state["trainer_state"]["data"])
-        start_step = resumed_from = ckpt.step
-        tokens_seen = int(state["trainer_state"].get("tokens", 0))
-        kept = [m for m in read_metrics(metrics_path) if m.get("step", 0) <= start_step]
-        if changes:
-            kept.append({"step": start_step, "event": "resumed with changes", "changes": changes})
-        rewrite_metrics(metrics_path, kept)
-        logger.info("resumed from %s (step %d)", ckpt.directory, start_step)
-    else:
-        rewrite_metrics(metrics_path, [])
+    run = _new_run(model, params, examples, config, plan, identity, pad_token_id, t_start)
+    state, changes = _restore(run, ckpt, plan, allow_changes) if ckpt is not None else (None, [])
+    if ckpt is None:
+        rewrite_metrics(run.metrics_path, [])
+    start_step = run.step
 
     model.train()
     if plan.compile_blocks:
         compile_blocks(model)
-    graphed = None
     pad_multiple = plan.pack_length or config.graph_pad_multiple  # packed rows: one static length
     if plan.cuda_graph:
-        from minilora.train.cuda_graph import CUDAGraphStep
-
-        def graph_loss(m: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-            # autocast's weight cache would hold tensors of the capture: off inside graphs
-            return accumulated_causal_lm_loss(m, *inputs, autocast=_autocast(config, device, cache_enabled=False))
-
-        graphed = CUDAGraphStep(
-            model, optimizer, graph_loss, max_grad_norm=config.max_grad_norm, seed=config.seed, backward=False
-        )
-        if ckpt is not None:
-            graphed.set_rng_state(state["rng"].get("graph", {}))
+        _capture(run, state["rng"] if state is not None else None)
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
-    progress = Progress(config.progress, total_steps, start_step, config.print_every, echo, device)
+    progress = Progress(config.progress, run.total_steps, start_step, config.print_every, echo, run.device)
     warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
-    warmup_s = None
     if warming:
         progress.describe("train (warm-up: compile + capture)")
-    losses = [m["loss"] for m in read_metrics(metrics_path) if "loss" in m]
-    eval_loss = None
-    step = start_step
-    # 4. the steps
-    with weight_cache, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    run.losses = [m["loss"] for m in read_metrics(run.metrics_path) if "loss" in m]
+    with weight_cache, open(run.metrics_path, "a", encoding="utf-8") as metrics_file:
 
         def log(record: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
-        while step < total_steps:
+        while run.step < run.total_steps:
             t0 = time.perf_counter()
-            micro = [order.next_batch() for _ in range(config.grad_accum)]
+            micro = [run.order.next_batch() for _ in range(config.grad_accum)]
             n_step = sum(b.n_target_tokens for b in micro)
             if n_step == 0:
-                raise ValueError(f"step {step}: the batch holds no completion tokens (all labels are -100)")
-            micro = [b.to(device) for b in micro]
-            lr = float(optimizer.param_groups[0]["lr"])
-            grad_norm = None
-            if graphed is not None:  # the whole step, replayed
-                inputs = pad_micro_batches(micro, config.batch_size, pad_multiple, pad_token_id)
-                loss = float(graphed(*inputs))
-                if graphed.grad_norm is not None:
-                    grad_norm = float(graphed.grad_norm)
-                scheduler.step()
-                graphed.adopt_lrs()
-            else:
-                loss_total = 0.0
-                for batch in micro:
-                    with _autocast(config, device):
-                        loss_sum, _ = causal_lm_loss(model, batch)
-                    (loss_sum / n_step).backward()
-                    loss_total += float(loss_sum.detach())
-                if config.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_total / n_step
-            step += 1
+                raise ValueError(f"step {run.step}: the batch holds no completion tokens (all labels are -100)")
+            micro = [b.to(run.device) for b in micro]
+            lr = float(run.optimizer.param_groups[0]["lr"])
+            loss, grad_norm = _step(run, micro, n_step, pad_multiple)
+            run.step += 1
             step_tokens = sum(b.n_tokens for b in micro)
-            tokens_seen += step_tokens
+            run.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             if warming:  # reported apart: steady-state speed leaves it out
-                warmup_s, warming = dt, False
+                run.warmup_s, warming = dt, False
                 logger.info("warm-up (compile + capture, first step): %.1f s", dt)
-            losses.append(loss)
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "epoch": order.epoch + order.index / order.batches_per_epoch,
-                "tokens": tokens_seen,
-                "tokens_per_s": step_tokens / dt,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            if warmup_s is not None and step == start_step + 1:
-                record["warmup_s"] = warmup_s
-            if step % config.log_every == 0 or step == total_steps:
+            run.losses.append(loss)
+            record = _log_record(run, loss, lr, grad_norm, step_tokens, dt)
+            first = run.warmup_s is not None and run.step == start_step + 1
+            if first:
+                record["warmup_s"] = run.warmup_s
+            if run.step % config.log_every == 0 or run.step == run.total_steps:
                 log(record)
-            progress.update(step, loss, lr, step_tokens)
-            if warmup_s is not None and step == start_step + 1:
+            progress.update(run.step, loss, lr, step_tokens)
+            if first:
                 progress.describe("train")  # steady-state tokens/s from here on
-            if eval_examples and ((config.eval_every and step % config.eval_every == 0) or (step == total_steps)):
-                eval_loss = evaluate(model, eval_examples, config.eval_batch_size, pad_token_id, config)
-                log({"step": step, "eval_loss": eval_loss})
-                logger.info("step %d: eval loss %.4f", step, eval_loss)
-            if (config.save_every and step % config.save_every == 0) or step == total_steps:
-                metrics_file.flush()
-                os.fsync(metrics_file.fileno())
-                _save(out, step, model, optimizer, scheduler, order, tokens_seen, config, graphed, identity)
+            eval_record = _eval(run, eval_examples)
+            if eval_record is not None:
+                log(eval_record)
+            _checkpoint(run, metrics_file)
     progress.close()
+    return _finish(run, plan, start_step if ckpt is not None else None, changes)
 
-    # 5. what the run leaves: the adapter, the loss curve
+
+def _finish(run: _Run, plan: Any, resumed_from: int | None, changes: list[str]) -> TrainResult:
+    """What the run leaves: the adapter, the loss curve, the result."""
     adapter_dir = None
-    if config.save_final_adapter:
+    if run.config.save_final_adapter:
         from minilora.lora import save_adapter
 
-        adapter_dir = save_adapter(model, out / "adapter")
-    metrics = read_metrics(metrics_path)
-    plot_path = plot_loss_curve(metrics, out / "loss_curve.png") if config.plot else None
-    model.eval()
+        adapter_dir = save_adapter(run.model, run.out / "adapter")
+    metrics = read_metrics(run.metrics_path)
+    plot_path = plot_loss_curve(metrics, run.out / "loss_curve.png") if run.config.plot else None
+    run.model.eval()
     return TrainResult(
-        steps=step,
-        final_loss=losses[-1] if losses else float("nan"),
-        eval_loss=eval_loss,
-        output_dir=out,
+        steps=run.step,
+        final_loss=run.losses[-1] if run.losses else float("nan"),
+        eval_loss=run.eval_loss,
+        output_dir=run.out,
         adapter_dir=adapter_dir,
-        metrics_path=metrics_path,
+        metrics_path=run.metrics_path,
         plot_path=plot_path,
-        wall_s=time.perf_counter() - t_start,
-        tokens=tokens_seen,
+        wall_s=time.perf_counter() - run.t_start,
+        tokens=run.tokens_seen,
         resumed_from=resumed_from,
-        losses=losses,
+        losses=run.losses,
         path=plan.name,
-        warmup_s=warmup_s,
+        warmup_s=run.warmup_s,
         changes=changes,
     )
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from minilora.io.safe_write import atomic_write_bytes, staged_files
+
 logger = logging.getLogger("minilora.train")
 
 
@@ -59,10 +61,9 @@ def plot_loss_curve(
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with staged_files(path.parent) as stage:
+        fig.savefig(stage(path.name), format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -137,6 +138,4 @@ class Progress:
 
 
 def rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    from minilora.io.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))

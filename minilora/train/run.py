@@ -96,7 +96,7 @@ def read_run_file(out: str | Path) -> dict[str, Any] | None:
 
 
 def write_run_file(out: str | Path, record: dict[str, Any]) -> None:
-    from minilora.io.checkpoint import atomic_write_bytes
+    from minilora.io.safe_write import atomic_write_bytes
 
     atomic_write_bytes(Path(out) / RUN_FILE, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
 

@@ -22,13 +22,12 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from test_gguf import _add_tiny_tokenizer, _tiny_vocab  # noqa: E402
-from test_gguf_kquants import random_blocks  # noqa: E402
-
 from minilora.io.gguf import convert_gguf  # noqa: E402
 from minilora.io.gguf_gemma3 import GEMMA3_BLOCK_NAMES  # noqa: E402
 from minilora.io.tokenizer import Tokenizer  # noqa: E402
 from minilora.loading import from_pretrained  # noqa: E402
+from tests.io.test_gguf import _add_tiny_tokenizer, _tiny_vocab  # noqa: E402
+from tests.io.test_gguf_kquants import random_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_K", "ffn_down": "Q6_K"}

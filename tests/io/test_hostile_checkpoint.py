@@ -128,7 +128,7 @@ def test_atomic_write_disk_full_names_the_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safe_write.os, "fsync", full)
     with pytest.raises(OSError, match=f"no space left on the device while writing {target}") as e:
-        ckpt_io.atomic_write_bytes(target, b"new")
+        safe_write.atomic_write_bytes(target, b"new")
     assert e.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import TINY
+
+from tests.lora.lora_testutil import TINY
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -19,18 +18,6 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def has_minilora_loading() -> bool:
-    return importlib.util.find_spec("minilora.loading") is not None
-
-
-def has_minilora_quant() -> bool:
-    try:
-        from minilora.quant import Linear4bit  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def hf_model(path: Path) -> nn.Module:

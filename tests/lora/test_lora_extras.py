@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import (
+from safetensors.torch import load_file
+
+import minilora.lora as ml
+from minilora.errors import AdapterError
+from minilora.lora.loraplus import create_loraplus_optimizer
+from tests.lora.lora_testutil import (
     assert_logits_close,
-    has_minilora_loading,
     hf_model,
     input_ids,
     logits,
     minilora_model,
     randomize_adapters,
 )
-from safetensors.torch import load_file
-
-import minilora.lora as ml
-from minilora.errors import AdapterError
-from minilora.lora.loraplus import create_loraplus_optimizer
 
 peft = pytest.importorskip("peft")
 
@@ -31,7 +30,7 @@ CASES = {
 }
 BASES = [
     "transformers",
-    pytest.param("minilora", marks=pytest.mark.skipif(not has_minilora_loading(), reason="no minilora.loading")),
+    "minilora",
 ]
 
 

@@ -6,20 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import (
+
+import minilora.lora as ml
+from tests.lora.lora_testutil import (
     assert_logits_close,
-    has_minilora_loading,
-    has_minilora_quant,
     hf_model,
     input_ids,
     logits,
     minilora_model,
     randomize_adapters,
 )
-
-import minilora.lora as ml
-
-needs_model = pytest.mark.skipif(not has_minilora_loading(), reason="minilora.loading not written yet")
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -39,10 +35,7 @@ def test_merged_equals_unmerged_on_float_base(tiny_llama_dir: Path, use_dora: bo
             torch.testing.assert_close(value, before[key], rtol=1e-5, atol=1e-6)
 
 
-@needs_model
-@pytest.mark.parametrize(
-    "quantize", [None, pytest.param("nf4", marks=pytest.mark.skipif(not has_minilora_quant(), reason="no quant"))]
-)
+@pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_merge_and_unload_loads_in_transformers(tiny_llama_dir: Path, tmp_path: Path, quantize: str | None) -> None:
     from minilora.io.checkpoint import save_pretrained
 
@@ -62,10 +55,7 @@ def test_merge_and_unload_loads_in_transformers(tiny_llama_dir: Path, tmp_path: 
         assert_logits_close(logits(reloaded, input_ids()), merged_logits)
 
 
-@needs_model
 def test_merge_into_nf4_model_reports_errors(tiny_llama_dir: Path) -> None:
-    if not has_minilora_quant():
-        pytest.skip("minilora.quant not written yet")
     model = ml.add_lora(minilora_model(tiny_llama_dir, quantize="nf4"), r=8, alpha=16, target_modules="all-linear")
     randomize_adapters(model, seed=3)
     with torch.no_grad():

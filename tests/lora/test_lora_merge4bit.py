@@ -7,20 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import (
+
+import minilora.lora as ml
+from minilora.errors import AdapterError
+from minilora.lora.merge4bit import format_report, merge, requantization_report
+from tests.lora.lora_testutil import (
     assert_logits_close,
-    has_minilora_loading,
     input_ids,
     logits,
     minilora_model,
     randomize_adapters,
 )
-
-import minilora.lora as ml
-from minilora.errors import AdapterError
-from minilora.lora.merge4bit import format_report, merge, requantization_report
-
-pytestmark = pytest.mark.skipif(not has_minilora_loading(), reason="minilora.loading not written yet")
 
 
 def quantized_model(path: Path) -> torch.nn.Module:

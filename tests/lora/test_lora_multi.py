@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import ATTN, assert_logits_close, hf_model, input_ids, logits, randomize_adapters
 
 import minilora.lora as ml
 from minilora.errors import AdapterError
 from minilora.lora.multi import add_weighted_adapter, delete_adapter, load_adapters, save_adapters
+from tests.lora.lora_testutil import ATTN, assert_logits_close, hf_model, input_ids, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 

@@ -11,20 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import (
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import minilora.lora as ml
+from tests.lora.lora_testutil import (
     ATTN,
     assert_logits_close,
-    has_minilora_loading,
     hf_model,
     input_ids,
     logits,
     minilora_model,
     randomize_adapters,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-import minilora.lora as ml
 
 peft = pytest.importorskip("peft")
 
@@ -51,13 +50,7 @@ CASES = {
     ),
 }
 
-BASES = [
-    "transformers",
-    pytest.param(
-        "minilora",
-        marks=pytest.mark.skipif(not has_minilora_loading(), reason="minilora.loading not written yet"),
-    ),
-]
+BASES = ["transformers", "minilora"]
 
 
 def our_base(kind: str, path: Path) -> torch.nn.Module:

@@ -6,22 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import (
+from torch import nn
+
+import minilora.lora as ml
+from minilora.lora import LoRALinear
+from tests.lora.lora_testutil import (
     ATTN,
     assert_logits_close,
-    has_minilora_loading,
-    has_minilora_quant,
     input_ids,
     logits,
     minilora_model,
     randomize_adapters,
 )
-from torch import nn
-
-import minilora.lora as ml
-from minilora.lora import LoRALinear
-
-pytestmark = pytest.mark.skipif(not has_minilora_quant(), reason="minilora.quant.Linear4bit not written yet")
 
 # Half the widest gap between neighbouring code values: the worst rounding error, in units of the block absmax.
 NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2  # between -1.0 and -0.696 (formats.md, section 1)
@@ -120,8 +116,6 @@ def test_merge_into_quantized_base_reports_requantization_error(kind: str) -> No
 
 
 def test_merge_and_unload_dequantizes(tiny_llama_dir: Path) -> None:
-    if not has_minilora_loading():
-        pytest.skip("minilora.loading not written yet")
     model = ml.add_lora(minilora_model(tiny_llama_dir, quantize="nf4"), r=8, alpha=16, target_modules="all-linear")
     randomize_adapters(model, seed=2)
     with torch.no_grad():
@@ -136,8 +130,6 @@ def test_merge_and_unload_dequantizes(tiny_llama_dir: Path) -> None:
 
 def test_nf4_adapter_parity_with_bitsandbytes_and_peft(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """minilora NF4 + adapter <-> transformers/bitsandbytes NF4 + peft, both directions, same logits."""
-    if not has_minilora_loading():
-        pytest.skip("minilora.loading not written yet")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testutil import has_minilora_loading, hf_model
 
 import minilora.lora as ml
 from minilora.lora import LoRAConfig, find_targets
+from tests.lora.lora_testutil import hf_model
 
 peft = pytest.importorskip("peft")
 
@@ -103,13 +103,7 @@ def _meta_minilora_8b() -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     "build",
-    [
-        _meta_transformers_8b,
-        pytest.param(
-            _meta_minilora_8b,
-            marks=pytest.mark.skipif(not has_minilora_loading(), reason="minilora model not written yet"),
-        ),
-    ],
+    [_meta_transformers_8b, _meta_minilora_8b],
 )
 def test_llama31_8b_counts_on_meta(build) -> None:
     model = build()

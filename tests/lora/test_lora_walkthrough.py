@@ -7,13 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from lora_testutil import has_minilora_loading, has_minilora_quant
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(not (has_minilora_loading() and has_minilora_quant()), reason="needs the model and quant")
 def test_walkthrough_prints_the_documented_numbers() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "lora_walkthrough.py")],

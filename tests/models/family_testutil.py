@@ -7,13 +7,9 @@ head_dim unlike hidden/heads, a local RoPE base, partial RoPE and longrope with 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
-from lora_testutil import randomize_adapters  # noqa: E402, F401  (re-exported for the family tests)
+from tests.lora.lora_testutil import randomize_adapters  # noqa: F401  (re-exported for the family tests)
 
 VOCAB = 256
 BASE = dict(

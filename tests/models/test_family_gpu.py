@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_testutil import FAMILIES, VOCAB, tiny_family_model
 
 import minilora.lora as ml
 from minilora.generate import SamplingConfig, generate
 from minilora.loading import from_pretrained
+from tests.models.family_testutil import FAMILIES, VOCAB, tiny_family_model
 
 pytestmark = pytest.mark.gpu
 IDS = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))

@@ -10,13 +10,22 @@ import dataclasses
 
 import pytest
 import torch
-from family_testutil import FAMILIES, VOCAB, hf_positions, left_padded_batch, randomize_adapters, tiny_family_model
+
+from tests.models.family_testutil import (
+    FAMILIES,
+    VOCAB,
+    hf_positions,
+    left_padded_batch,
+    randomize_adapters,
+    tiny_family_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
 import minilora.lora as ml  # noqa: E402
+from minilora.generate import generate_greedy  # noqa: E402
 from minilora.loading import QUANTIZABLE, from_pretrained, save_quantized  # noqa: E402
-from minilora.models.llama import KVCache, LlamaForCausalLM, generate_greedy  # noqa: E402
+from minilora.models.llama import KVCache, LlamaForCausalLM  # noqa: E402
 
 IDS = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
 

@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from minilora.generate import generate_greedy  # noqa: E402
 from minilora.loading import from_pretrained  # noqa: E402
-from minilora.models.llama import KVCache, LlamaForCausalLM, generate_greedy  # noqa: E402
+from minilora.models.llama import KVCache, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 256
 LLAMA3_ROPE = {

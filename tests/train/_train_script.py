@@ -13,12 +13,13 @@ import torch
 
 torch.set_num_threads(1)
 
-from minilora.demo import byte_tokenizer, split_products  # noqa: E402
 from minilora.loading import from_pretrained  # noqa: E402
 from minilora.lora import add_lora  # noqa: E402
+from minilora.testing.tiny import byte_tokenizer  # noqa: E402
 from minilora.train import checkpoint as ckpt_io  # noqa: E402
 from minilora.train import loop  # noqa: E402
 from minilora.train.data import tokenize_records  # noqa: E402
+from minilora_demo.price import split_products  # noqa: E402
 
 
 def main() -> None:

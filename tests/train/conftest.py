@@ -9,13 +9,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from minilora.demo import make_tiny_model_dir
+    from minilora.testing.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def byte_tok():
-    from minilora.demo import byte_tokenizer
+    from minilora.testing.tiny import byte_tokenizer
 
     return byte_tokenizer()

@@ -12,12 +12,12 @@ from minilora.train.data import (
     DataOrder,
     Record,
     collate,
-    load_jsonl,
     pack_examples,
     records_from_list,
     tokenize_record,
     tokenize_records,
 )
+from minilora.train.datasets import load_jsonl
 
 
 def test_jsonl_reads_records_and_errors_name_file_and_line(tmp_path):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from minilora.errors import DatasetError
-from minilora.train.data import load_jsonl
-from minilora.train.datasets import build_examples, read_rows
+from minilora.train.datasets import build_examples, load_jsonl, read_rows
 
 
 def _rows_of(path: Path, text: str | bytes) -> None:

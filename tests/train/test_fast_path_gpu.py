@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.demo import split_products
 from minilora.loading import from_pretrained
 from minilora.lora import add_lora
 from minilora.train import loop
 from minilora.train.data import collate_packed, tokenize_records
 from minilora.train.fast import compile_blocks, document_ids, pack_first_fit
+from minilora_demo.price import split_products
 
 pytestmark = pytest.mark.gpu
 

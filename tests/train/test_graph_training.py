@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.demo import split_products
 from minilora.loading import from_pretrained
 from minilora.lora import add_lora
 from minilora.train import loop
 from minilora.train.data import IGNORE_INDEX, collate, tokenize_records
+from minilora_demo.price import split_products
 
 
 def _examples(byte_tok, n: int = 24) -> list:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilora.demo import split_products
 from minilora.loading import from_pretrained
 from minilora.lora import add_lora
 from minilora.train import loop
 from minilora.train.data import IGNORE_INDEX, Example, collate, collate_packed, tokenize_records
 from minilora.train.fast import choose_path, document_ids, pack_first_fit
+from minilora_demo.price import split_products
 
 
 def _examples(byte_tok, n: int = 12) -> list[Example]:

@@ -29,9 +29,9 @@ def test_minilora_qlora_matches_transformers_bitsandbytes_peft(
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    from minilora.demo import split_products
     from minilora.loading import from_pretrained
     from minilora.lora import adapter_state_dict, add_lora
+    from minilora_demo.price import split_products
 
     train_p, _, _ = split_products(24, 0, 0, seed=2)
     examples = tokenize_records([p.record() for p in train_p], byte_tok, max_length=96).examples

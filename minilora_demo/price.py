@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 QUESTION = "How much does this cost to the nearest dollar?"
 PRICE_PREFIX = "Price is $"
 
-# category -> (base price in dollars, example nouns for titles)
+# category -> (base price in dollars, example nouns for titles); a data table, its rows alike by shape
 CATEGORIES: dict[str, tuple[float, tuple[str, ...]]] = {
     "Kettle": (25, ("Kettle", "Tea Kettle")),
     "Frying Pan": (40, ("Frying Pan", "Skillet")),
@@ -246,82 +246,20 @@ class DemoConfig:
         return cls(**base)
 
 
-# ---------------------------------------------------------------------------------------------- tiny model
-def byte_tokenizer() -> Any:
-    """A byte-level tokenizer with <bos>=256, <eos>=257, <pad>=258 (the smoke run's and the tests')."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from minilora.io.tokenizer import Tokenizer
-
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
-    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<bos>", "<eos>", "<pad>"])
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}
-    return Tokenizer(tk, config)
-
-
-def make_tiny_model_dir(directory: str | Path, seed: int = 0, vocab_size: int = 259) -> Path:
-    """A random tiny Llama (hidden 64, 2 layers) with the byte tokenizer, in transformers format."""
-    from minilora.io.checkpoint import save_pretrained
-    from minilora.models.config import ModelConfig
-    from minilora.models.llama import LlamaForCausalLM
-
-    directory = Path(directory)
-    config = ModelConfig.from_dict(
-        {
-            "model_type": "llama",
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-            "bos_token_id": 256,
-            "eos_token_id": 257,
-            "pad_token_id": 258,
-            "torch_dtype": "float32",
-        }
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    for p in model.parameters():  # transformers' initializer_range: small weights, sane logits
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02)
-    save_pretrained(model, directory)
-    byte_tokenizer().save(directory)
-    return directory
-
-
 # ---------------------------------------------------------------------------------------------- the run
-def resolve_model(ref: str | None) -> Path:
-    """A model reference (None = the default GGUF, a .gguf file, a directory or a hub id) -> a directory."""
-    from minilora.io.gguf import default_model_path, gguf_to_dir_cached
-    from minilora.io.hub import resolve_model_dir
-
-    if ref is None:
-        return gguf_to_dir_cached(default_model_path())
-    if str(ref).endswith(".gguf"):
-        return gguf_to_dir_cached(ref)
-    return resolve_model_dir(ref)
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to <run dir>/summary.json)."""
+    from minilora.io.hub import resolve_model
     from minilora.io.tokenizer import Tokenizer
     from minilora.loading import from_pretrained
     from minilora.lora import adapter_nbytes, add_lora, count_parameters, load_adapter, save_adapter
     from minilora.lora import trainable_parameters_report as trainable_report
     from minilora.quant import quantized_nbytes
+    from minilora.testing.tiny import make_tiny_model_dir
     from minilora.train.data import tokenize_records, write_jsonl
     from minilora.train.loop import TrainConfig, seed_everything, train
 
