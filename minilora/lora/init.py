@@ -17,7 +17,8 @@ adapter, so the base weight becomes the residual W_res and the model computes W 
 LoftQ replaces the base by its own quantized-then-dequantized approximation: quantize that base with NF4
 (blocksize 64, no double quant) and the codes come back unchanged: `quantize_lora_bases` does that after
 `add_lora(float_model, init="loftq")`, which gives the QLoRA model LoftQ was designed for. Like peft,
-LoftQ sets A = R, B = L with no division by s: the approximation is dequant(Q) + B A, which the forward computes when s = 1 (alpha = r).
+LoftQ sets A = R, B = L with no division by s: the approximation is dequant(Q) + B A, which the forward
+computes when s = 1 (alpha = r).
 
 All maths in float32; the residual is cast back to the base weight's dtype, as peft does.
 """
