@@ -61,6 +61,7 @@ from torch import nn
 from minilora.models.llama import position_ids_from_mask
 from minilora.train import checkpoint as ckpt_io
 from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
+from minilora.train.distributed import Single
 from minilora.train.fast import choose_path, compile_blocks, document_ids, pack_first_fit
 from minilora.train.metrics import Progress, plot_loss_curve, read_metrics, rewrite_metrics
 from minilora.train.run import RunError, check_resume, run_identity, start_fresh
@@ -295,8 +296,13 @@ def evaluate(
     batch_size: int = 16,
     pad_token_id: int = 0,
     config: TrainConfig | None = None,
+    loss_of: Callable[[Batch], tuple[torch.Tensor, int]] | None = None,
 ) -> float:
-    """Mean cross-entropy over every completion token of ``examples`` (model left in its previous mode)."""
+    """Mean cross-entropy over every completion token of ``examples`` (model left in its previous mode).
+
+    loss_of: what computes a batch's (loss sum, count); default causal_lm_loss on ``model`` (a distributed run
+    passes its wrapped model's, minilora.train.distributed).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -304,7 +310,7 @@ def evaluate(
     try:
         for batch in eval_batches(examples, batch_size, pad_token_id):
             with _autocast(config or TrainConfig(), device):
-                loss_sum, n = causal_lm_loss(model, batch.to(device))
+                loss_sum, n = loss_of(batch.to(device)) if loss_of else causal_lm_loss(model, batch.to(device))
             total += float(loss_sum)
             count += n
     finally:
@@ -375,6 +381,7 @@ def train(
     allow_changes: bool = False,
     run_info: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
+    distributed: Single | None = None,
 ) -> TrainResult:
     """Fine-tune the model's trainable (adapter) parameters; see the module docstring.
 
@@ -386,22 +393,28 @@ def train(
         ``allow_changes``).
     echo: where the log lines go when there is no progress bar (every ``config.print_every`` steps).
     The final step is always checkpointed, so a finished run can be continued with more steps.
+    distributed: the other ranks (minilora.train.distributed: DDP or FSDP; None: this process alone). Every
+        rank calls train() with the same arguments; rank 0 alone writes files and shows progress.
     """
     t_start = time.perf_counter()
     out = Path(config.output_dir)
     device = next(model.parameters()).device
-    params = adapter_parameters(model)
+    adapter_parameters(model)  # refuses a model with nothing to train
     plan = choose_path(model, train_examples, config)
     logger.info(plan.describe())
+    dist = distributed or Single()
+    dist.check(plan.cuda_graph, config.cache_base_weights)
+    loss_of = dist.wrap(model, causal_lm_loss)  # DDP / FSDP2 around the model; alone: causal_lm_loss(model, .)
+    params = adapter_parameters(model)  # after wrap: FSDP2's sharded parameters
     if plan.pack_length:
         train_examples = pack_first_fit(train_examples, plan.pack_length)
     identity = run_identity(config, run_info)
 
     # 1. the run directory: a fresh run, or the run it continues
-    ckpt_io.clean_temp_dirs(out)
+    dist.on_main(lambda: ckpt_io.clean_temp_dirs(out))
     ckpt = _find_checkpoint(out, resume)
     if ckpt is None:
-        start_fresh(out, identity, overwrite)
+        dist.on_main(lambda: start_fresh(out, identity, overwrite))
     metrics_path = out / "metrics.jsonl"
 
     # 2. optimizer, schedule, data order
@@ -434,8 +447,7 @@ def train(
     if ckpt is not None:
         state = ckpt_io.load_checkpoint_state(ckpt)
         _, changes = check_resume(out, state["trainer_state"].get("run"), identity, allow_changes, ckpt.step)
-        ckpt_io.load_adapter_weights_into(model, ckpt.adapter)
-        optimizer.load_state_dict(state["optimizer"])
+        dist.restore(model, optimizer, ckpt.adapter, state["optimizer"])  # alone: adapter files + load_state_dict
         _match_capturable(optimizer, plan.cuda_graph)
         scheduler.load_state_dict(state["scheduler"])
         if changes:
@@ -447,10 +459,10 @@ def train(
         kept = [m for m in read_metrics(metrics_path) if m.get("step", 0) <= start_step]
         if changes:
             kept.append({"step": start_step, "event": "resumed with changes", "changes": changes})
-        rewrite_metrics(metrics_path, kept)
+        dist.on_main(lambda: rewrite_metrics(metrics_path, kept))
         logger.info("resumed from %s (step %d)", ckpt.directory, start_step)
     else:
-        rewrite_metrics(metrics_path, [])
+        dist.on_main(lambda: rewrite_metrics(metrics_path, []))
 
     model.train()
     if plan.compile_blocks:
@@ -470,7 +482,8 @@ def train(
         if ckpt is not None:
             graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
-    progress = Progress(config.progress, total_steps, start_step, config.print_every, echo, device)
+    quiet = None if dist.is_main else (lambda line: None)  # one display: rank 0's
+    progress = Progress(config.progress and dist.is_main, total_steps, start_step, config.print_every, quiet or echo, device)
     warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
     warmup_s = None
     if warming:
@@ -479,7 +492,7 @@ def train(
     eval_loss = None
     step = start_step
     # 4. the steps
-    with weight_cache, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    with weight_cache, open(metrics_path if dist.is_main else os.devnull, "a", encoding="utf-8") as metrics_file:
 
         def log(record: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(record) + "\n")
@@ -488,10 +501,11 @@ def train(
         while step < total_steps:
             t0 = time.perf_counter()
             micro = [order.next_batch() for _ in range(config.grad_accum)]
-            n_step = sum(b.n_target_tokens for b in micro)
+            n_step = sum(b.n_target_tokens for b in micro)  # of the global batch, on every rank
             if n_step == 0:
                 raise ValueError(f"step {step}: the batch holds no completion tokens (all labels are -100)")
-            micro = [b.to(device) for b in micro]
+            step_tokens = sum(b.n_tokens for b in micro)
+            micro = [dist.shard(b).to(device) for b in micro]  # this rank's rows
             lr = float(optimizer.param_groups[0]["lr"])
             grad_norm = None
             if graphed is not None:  # the whole step, replayed
@@ -503,19 +517,19 @@ def train(
                 graphed.adopt_lrs()
             else:
                 loss_total = 0.0
-                for batch in micro:
-                    with _autocast(config, device):
-                        loss_sum, _ = causal_lm_loss(model, batch)
-                    (loss_sum / n_step).backward()
+                for i, batch in enumerate(micro):
+                    with dist.no_sync(accumulating=i < len(micro) - 1):  # one all-reduce per step
+                        with _autocast(config, device):
+                            loss_sum, _ = loss_of(batch)
+                        (loss_sum / n_step).backward()
                     loss_total += float(loss_sum.detach())
                 if config.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_total / n_step
+                loss = dist.reduce(loss_total) / n_step
             step += 1
-            step_tokens = sum(b.n_tokens for b in micro)
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             if warming:  # reported apart: steady-state speed leaves it out
@@ -540,13 +554,15 @@ def train(
             if warmup_s is not None and step == start_step + 1:
                 progress.describe("train")  # steady-state tokens/s from here on
             if eval_examples and ((config.eval_every and step % config.eval_every == 0) or (step == total_steps)):
-                eval_loss = evaluate(model, eval_examples, config.eval_batch_size, pad_token_id, config)
+                eval_loss = evaluate(model, eval_examples, config.eval_batch_size, pad_token_id, config, loss_of)
                 log({"step": step, "eval_loss": eval_loss})
                 logger.info("step %d: eval loss %.4f", step, eval_loss)
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
                 metrics_file.flush()
-                os.fsync(metrics_file.fileno())
-                _save(out, step, model, optimizer, scheduler, order, tokens_seen, config, graphed, identity)
+                with dist.saving(model, optimizer) as (full, full_opt):  # FSDP: the adapter gathered
+                    dist.on_main(lambda: os.fsync(metrics_file.fileno()))
+                    args = (out, step, full, full_opt, scheduler, order, tokens_seen, config, graphed, identity)
+                    dist.on_main(lambda: _save(*args))
     progress.close()
 
     # 5. what the run leaves: the adapter, the loss curve
@@ -554,9 +570,11 @@ def train(
     if config.save_final_adapter:
         from minilora.lora import save_adapter
 
-        adapter_dir = save_adapter(model, out / "adapter")
+        adapter_dir = out / "adapter"
+        with dist.saving(model, optimizer) as (full, _):
+            dist.on_main(lambda: save_adapter(full, adapter_dir))
     metrics = read_metrics(metrics_path)
-    plot_path = plot_loss_curve(metrics, out / "loss_curve.png") if config.plot else None
+    plot_path = plot_loss_curve(metrics, out / "loss_curve.png") if config.plot and dist.is_main else None
     model.eval()
     return TrainResult(
         steps=step,
