@@ -1,7 +1,7 @@
 """Train a QLoRA adapter on the tiny model alone or as one rank of torchrun (used by test_distributed.py).
 
 usage: _dist_script.py MODEL_DIR OUT STEPS --strategy single|ddp|fsdp [--resume] [--die-after K]
-       [--checkpointing] [--bf16-params] [--report FILE]
+       [--checkpointing] [--bf16-params] [--report FILE] [--cuda]
 
 --die-after K: every rank exits (code 3) at the start of step K + 1, after checkpoint K was written.
 --report FILE: each rank appends {rank, local and full bytes of its flat 4-bit parameters} as a JSON line.
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--bf16-params", action="store_true")
     ap.add_argument("--report")
+    ap.add_argument("--cuda", action="store_true")
     args = ap.parse_args()
 
     fsdp_kw = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16_params else {}
@@ -46,9 +47,10 @@ def main() -> None:
         real_loss, calls = loop.causal_lm_loss, [0]
 
         def dying_loss(model, batch):
-            if calls[0] == args.die_after * ACCUM:  # the first micro-batch of step die_after + 1
-                os._exit(3)
-            calls[0] += 1
+            if torch.is_grad_enabled():  # a training micro-batch, not an evaluation
+                if calls[0] == args.die_after * ACCUM:  # the first micro-batch of step die_after + 1
+                    os._exit(3)
+                calls[0] += 1
             return real_loss(model, batch)
 
         loop.causal_lm_loss = dying_loss
@@ -57,7 +59,8 @@ def main() -> None:
     train_p, eval_p, _ = split_products(22, 4, 0, seed=1)  # 22 rows: each epoch ends on a short batch
     train_data = tokenize_records([p.record() for p in train_p], tok, max_length=200)
     eval_data = tokenize_records([p.record() for p in eval_p], tok, max_length=200)
-    model = from_pretrained(args.model, quantize="nf4")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.cuda else "cpu"
+    model = from_pretrained(args.model, quantize="nf4", device=device)
     loop.seed_everything(0)
     add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
     config = loop.TrainConfig(
@@ -73,6 +76,7 @@ def main() -> None:
         keep_last=2,
         seed=3,
         gradient_checkpointing=args.checkpointing,
+        fast=False,  # the eager loop (the CUDA-graph step does not run distributed)
         progress=False,
         plot=False,
     )
