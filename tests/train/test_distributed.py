@@ -124,3 +124,19 @@ def test_world_size_one_on_nccl_equals_one_process(tiny_dir: Path, tmp_path: Pat
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
     _run(tiny_dir, tmp_path / "bf16", "fsdp", 1, "--cuda", "--bf16-params")  # mixed precision, bf16 4-bit storage
     assert abs(_losses(tmp_path / "bf16")[-1][1] - want[-1][1]) < 0.05
+
+
+def test_minilora_finetune_under_torchrun_reports_once(tiny_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i} costs {i * 7} dollars"}) + "\n" for i in range(8)))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minilora"]
+    cmd += ["finetune", str(tiny_dir), "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "4"]
+    cmd += ["--distributed", "fsdp", "--no-progress", "--log-every", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("trained 2 steps") == 1, proc.stdout  # rank 0 alone reports
+    assert proc.stdout.count("step 2/2") == 1, proc.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "README.md").is_file()
+    assert len(_losses(out)) == 2
