@@ -137,7 +137,9 @@ class _Ranks(Single):
             rows = torch.zeros(1, dtype=torch.long)
             labels = torch.full_like(batch.labels[rows], IGNORE_INDEX)
         pos = None if batch.position_ids is None else batch.position_ids[rows]
-        return Batch(batch.input_ids[rows], batch.labels[rows] if labels is None else labels, batch.attention_mask[rows], pos)
+        return Batch(
+            batch.input_ids[rows], batch.labels[rows] if labels is None else labels, batch.attention_mask[rows], pos
+        )
 
     def reduce(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=_comm_device())

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -483,7 +484,9 @@ def train(
             graphed.set_rng_state(state["rng"].get("graph", {}))
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
     quiet = None if dist.is_main else (lambda line: None)  # one display: rank 0's
-    progress = Progress(config.progress and dist.is_main, total_steps, start_step, config.print_every, quiet or echo, device)
+    progress = Progress(
+        config.progress and dist.is_main, total_steps, start_step, config.print_every, quiet or echo, device
+    )
     warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
     warmup_s = None
     if warming:
@@ -560,9 +563,12 @@ def train(
             if (config.save_every and step % config.save_every == 0) or step == total_steps:
                 metrics_file.flush()
                 with dist.saving(model, optimizer) as (full, full_opt):  # FSDP: the adapter gathered
-                    dist.on_main(lambda: os.fsync(metrics_file.fileno()))
-                    args = (out, step, full, full_opt, scheduler, order, tokens_seen, config, graphed, identity)
-                    dist.on_main(lambda: _save(*args))
+                    dist.on_main(partial(os.fsync, metrics_file.fileno()))
+                    dist.on_main(
+                        partial(
+                            _save, out, step, full, full_opt, scheduler, order, tokens_seen, config, graphed, identity
+                        )
+                    )
     progress.close()
 
     # 5. what the run leaves: the adapter, the loss curve
