@@ -17,6 +17,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from _train_script import TINY_RUN  # noqa: E402  (this script's directory is on sys.path when it runs)
+
 from minilora.demo import byte_tokenizer, split_products  # noqa: E402
 from minilora.loading import from_pretrained  # noqa: E402
 from minilora.lora import add_lora  # noqa: E402
@@ -24,7 +26,7 @@ from minilora.train import loop  # noqa: E402
 from minilora.train.data import tokenize_records  # noqa: E402
 from minilora.train.distributed import FlatLinear4bit, Single, init_from_env  # noqa: E402
 
-BATCH, ACCUM = 4, 2
+ACCUM = TINY_RUN["grad_accum"]
 
 
 def main() -> None:
@@ -66,19 +68,9 @@ def main() -> None:
     config = loop.TrainConfig(
         output_dir=args.out,
         max_steps=args.steps,
-        batch_size=BATCH,
-        grad_accum=ACCUM,
-        lr=5e-3,
-        warmup_steps=3,
-        min_lr_ratio=0.1,
-        eval_every=5,
-        save_every=2,
-        keep_last=2,
-        seed=3,
+        **TINY_RUN,  # batch 4 x 2 micro-batches, as test_resume.py runs them
         gradient_checkpointing=args.checkpointing,
         fast=False,  # the eager loop (the CUDA-graph step does not run distributed)
-        progress=False,
-        plot=False,
     )
     loop.train(model, train_data.examples, config, eval_data.examples, 258, resume=args.resume, distributed=strategy)
     if args.report:
