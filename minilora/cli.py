@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -106,6 +107,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from minilora.finetune import run_finetune
 
     result = run_finetune(args, _echo, _model_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return
     eval_part = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     _echo(f"trained {result.steps} steps{resumed}: final loss {result.final_loss:.4f}{eval_part}")
@@ -398,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the eager reference loop (default on CUDA: compiled blocks + one CUDA graph per step + packed rows)",
     )
     p.add_argument("--cuda-graph", action="store_true", help="require the CUDA-graph step (an error off CUDA)")
+    p.add_argument(
+        "--distributed",
+        default="ddp",
+        choices=("ddp", "fsdp"),
+        help="under torchrun: ddp (replicated 4-bit base) or fsdp (FSDP2, base sharded); docs/distributed.md",
+    )
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (the last step always)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")

@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.cuda_graph and not device.startswith("cuda"):
         raise ValueError(f"--cuda-graph needs a CUDA device (--device is {device})")
+    distributed = None
+    if "RANK" in os.environ:  # under torchrun: DDP or FSDP2 over its ranks (minilora.train.distributed)
+        from minilora.train.distributed import init_from_env
+
+        if args.cuda_graph:
+            raise ValueError("--cuda-graph does not run under torchrun (the eager loop does)")
+        bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.startswith("cuda"))
+        mixed = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if bf16 else {}
+        distributed = init_from_env(args.distributed, **(mixed if args.distributed == "fsdp" else {}))
+        if device.startswith("cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"  # cuda:LOCAL_RANK
+        if not distributed.is_main:  # one display, one log: rank 0's
+            echo = lambda line: None  # noqa: E731
+            logging.getLogger("minilora").setLevel(logging.WARNING)
     # 1. the data, before any model
     rows = read_rows(args.data)
     eval_rows = read_rows(args.eval_data) if args.eval_data else []
@@ -64,7 +79,7 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
     local_model = args.model if os.path.exists(args.model) else None
     check_output(args.out, [*data_files, local_model])
 
-    with lock(args.out):
+    with lock(args.out) if distributed is None or distributed.is_main else nullcontext():
         # 2. model, tokenizer, examples
         model_dir = model_dir_of(args.model)
         tokenizer = Tokenizer.from_dir(model_dir)
@@ -109,7 +124,8 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
             bf16=args.bf16,
             cache_base_weights=args.cache_base_weights,
             fast=not args.no_fast,
-            cuda_graph=True if args.cuda_graph else None,
+            cuda_graph=False if distributed else (True if args.cuda_graph else None),
+            compile_blocks=False if distributed else None,
             eval_every=args.eval_every,
             save_every=args.save_every,
             keep_last=args.keep_last,
@@ -147,12 +163,13 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
             allow_changes=args.allow_changes,
             run_info=run_info,
             echo=echo,
+            distributed=distributed,
         )
         for change in result.changes:
             echo(f"changed on resume (--allow-changes): {change}")
 
         # 5. the model card
-        if result.adapter_dir is not None:
+        if result.adapter_dir is not None and (distributed is None or distributed.is_main):
             training = {"data": str(args.data), "records": summary.records, "examples": summary.examples}
             training.update({k: run_info["lora"][k] for k in ("r", "alpha", "dropout", "targets")})
             training.update({k: getattr(config, k) for k in ("batch_size", "grad_accum", "lr", "warmup_steps")})

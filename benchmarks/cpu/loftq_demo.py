@@ -60,13 +60,15 @@ def layer_factors(r: int, iters: tuple[int, ...]) -> list[list[Any]]:
 
 def finetune(init: str, alpha: float, steps: int, smoke: bool, out: Path) -> dict[str, Any]:
     """Held-out loss before and after `steps` of the demo's QLoRA training with `init`."""
-    from minilora.demo import DemoConfig, make_tiny_model_dir, resolve_model, split_products
+    from minilora.io.hub import resolve_model
     from minilora.io.tokenizer import Tokenizer
     from minilora.loading import from_pretrained
     from minilora.lora import add_lora
     from minilora.lora.init import quantize_lora_bases
+    from minilora.testing.tiny import make_tiny_model_dir
     from minilora.train.data import tokenize_records
     from minilora.train.loop import TrainConfig, evaluate, seed_everything, train
+    from minilora_demo.price import DemoConfig, split_products
 
     demo = DemoConfig.smoke_defaults() if smoke else DemoConfig()
     model_dir = make_tiny_model_dir(out / "tiny-model") if smoke else resolve_model(None)

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ from torch import nn
 from minilora.models.llama import position_ids_from_mask
 from minilora.train import checkpoint as ckpt_io
 from minilora.train.data import IGNORE_INDEX, Batch, DataOrder, Example, eval_batches
+from minilora.train.distributed import Single
 from minilora.train.fast import choose_path, compile_blocks, document_ids, pack_first_fit
 from minilora.train.metrics import Progress, plot_loss_curve, read_metrics, rewrite_metrics
 from minilora.train.run import RunError, check_resume, run_identity, start_fresh
@@ -295,8 +297,13 @@ def evaluate(
     batch_size: int = 16,
     pad_token_id: int = 0,
     config: TrainConfig | None = None,
+    loss_of: Callable[[Batch], tuple[torch.Tensor, int]] | None = None,
 ) -> float:
-    """Mean cross-entropy over every completion token of ``examples`` (model left in its previous mode)."""
+    """Mean cross-entropy over every completion token of ``examples`` (model left in its previous mode).
+
+    loss_of: what computes a batch's (loss sum, count); default causal_lm_loss on ``model`` (a distributed run
+    passes its wrapped model's, minilora.train.distributed).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -304,7 +311,7 @@ def evaluate(
     try:
         for batch in eval_batches(examples, batch_size, pad_token_id):
             with _autocast(config or TrainConfig(), device):
-                loss_sum, n = causal_lm_loss(model, batch.to(device))
+                loss_sum, n = loss_of(batch.to(device)) if loss_of else causal_lm_loss(model, batch.to(device))
             total += float(loss_sum)
             count += n
     finally:
@@ -362,6 +369,8 @@ class _Run:
     identity: dict[str, Any]
     pad_token_id: int
     t_start: float
+    dist: Single  # the other ranks (Single: this process alone)
+    loss_of: Callable[[Batch], tuple[torch.Tensor, int]]  # causal_lm_loss on the (wrapped) model
     step: int = 0
     tokens_seen: int = 0
     graphed: Any = None  # a CUDAGraphStep when the whole step is one CUDA graph
@@ -388,6 +397,8 @@ def _new_run(
     identity: dict[str, Any],
     pad: int,
     t_start: float,
+    dist: Single,
+    loss_of: Callable[[Batch], tuple[torch.Tensor, int]],
 ) -> _Run:
     """Optimizer, warmup + cosine schedule and data order, on a model set up for the chosen path."""
     optimizer = torch.optim.AdamW(
@@ -415,15 +426,29 @@ def _new_run(
         model.model.checkpoint_fn = offloaded_checkpoint
     device = next(model.parameters()).device
     out = Path(config.output_dir)
-    return _Run(model, config, out, device, params, optimizer, scheduler, order, total_steps, identity, pad, t_start)
+    return _Run(
+        model,
+        config,
+        out,
+        device,
+        params,
+        optimizer,
+        scheduler,
+        order,
+        total_steps,
+        identity,
+        pad,
+        t_start,
+        dist,
+        loss_of,
+    )
 
 
 def _restore(run: _Run, ckpt: ckpt_io.CheckpointPaths, plan: Any, allow_changes: bool) -> tuple[dict, list[str]]:
     """Checkpoint (read): every state of ``ckpt`` into the run, refusing a checkpoint of another run."""
     state = ckpt_io.load_checkpoint_state(ckpt)
     _, changes = check_resume(run.out, state["trainer_state"].get("run"), run.identity, allow_changes, ckpt.step)
-    ckpt_io.load_adapter_weights_into(run.model, ckpt.adapter)
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.dist.restore(run.model, run.optimizer, ckpt.adapter, state["optimizer"])  # alone: files + load_state_dict
     _match_capturable(run.optimizer, plan.cuda_graph)
     run.scheduler.load_state_dict(state["scheduler"])
     if changes:
@@ -435,7 +460,7 @@ def _restore(run: _Run, ckpt: ckpt_io.CheckpointPaths, plan: Any, allow_changes:
     kept = [m for m in read_metrics(run.metrics_path) if m.get("step", 0) <= run.step]
     if changes:
         kept.append({"step": run.step, "event": "resumed with changes", "changes": changes})
-    rewrite_metrics(run.metrics_path, kept)
+    run.dist.on_main(lambda: rewrite_metrics(run.metrics_path, kept))
     logger.info("resumed from %s (step %d)", ckpt.directory, run.step)
     return state, changes
 
@@ -469,17 +494,18 @@ def _step(run: _Run, micro: list[Batch], n_step: int, pad_multiple: int) -> tupl
         run.graphed.adopt_lrs()
         return loss, grad_norm
     loss_total = 0.0
-    for batch in micro:
-        with _autocast(config, run.device):
-            loss_sum, _ = causal_lm_loss(run.model, batch)
-        (loss_sum / n_step).backward()
+    for i, batch in enumerate(micro):
+        with run.dist.no_sync(accumulating=i < len(micro) - 1):  # one all-reduce per step
+            with _autocast(config, run.device):
+                loss_sum, _ = run.loss_of(batch)
+            (loss_sum / n_step).backward()
         loss_total += float(loss_sum.detach())
     if config.max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_total / n_step, grad_norm
+    return run.dist.reduce(loss_total) / n_step, grad_norm
 
 
 def _log_record(run: _Run, loss: float, lr: float, grad_norm: float | None, step_tokens: int, dt: float) -> dict:
@@ -502,7 +528,7 @@ def _eval(run: _Run, eval_examples: Sequence[Example] | None) -> dict[str, Any] 
     config, step = run.config, run.step
     if not eval_examples or not ((config.eval_every and step % config.eval_every == 0) or step == run.total_steps):
         return None
-    run.eval_loss = evaluate(run.model, eval_examples, config.eval_batch_size, run.pad_token_id, config)
+    run.eval_loss = evaluate(run.model, eval_examples, config.eval_batch_size, run.pad_token_id, config, run.loss_of)
     logger.info("step %d: eval loss %.4f", step, run.eval_loss)
     return {"step": step, "eval_loss": run.eval_loss}
 
@@ -513,7 +539,6 @@ def _checkpoint(run: _Run, metrics_file: Any) -> None:
     if not ((config.save_every and step % config.save_every == 0) or step == run.total_steps):
         return
     metrics_file.flush()
-    os.fsync(metrics_file.fileno())
     order = run.order
     trainer_state = {
         "data": order.state_dict(),
@@ -522,9 +547,21 @@ def _checkpoint(run: _Run, metrics_file: Any) -> None:
         "run": run.identity,
     }
     extra_rng = {"graph": run.graphed.rng_state()} if run.graphed is not None else None
-    ckpt_io.save_checkpoint(
-        run.out, step, run.model, run.optimizer, run.scheduler, trainer_state, config.keep_last, extra_rng
-    )
+    with run.dist.saving(run.model, run.optimizer) as (model, optimizer):  # FSDP: the adapter gathered
+        run.dist.on_main(partial(os.fsync, metrics_file.fileno()))
+        run.dist.on_main(
+            partial(
+                ckpt_io.save_checkpoint,
+                run.out,
+                step,
+                model,
+                optimizer,
+                run.scheduler,
+                trainer_state,
+                config.keep_last,
+                extra_rng,
+            )
+        )
 
 
 def train(
@@ -538,6 +575,7 @@ def train(
     allow_changes: bool = False,
     run_info: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
+    distributed: Single | None = None,
 ) -> TrainResult:
     """Fine-tune the model's trainable (adapter) parameters; see the module docstring.
 
@@ -549,24 +587,30 @@ def train(
         ``allow_changes``).
     echo: where the log lines go when there is no progress bar (every ``config.print_every`` steps).
     The final step is always checkpointed, so a finished run can be continued with more steps.
+    distributed: the other ranks (minilora.train.distributed: DDP or FSDP; None: this process alone). Every
+        rank calls train() with the same arguments; rank 0 alone writes files and shows progress.
     """
     t_start = time.perf_counter()
-    params = adapter_parameters(model)  # refuses a model with nothing to train, before any file is written
+    adapter_parameters(model)  # refuses a model with nothing to train, before any file is written
     plan = choose_path(model, train_examples, config)
     logger.info(plan.describe())
+    dist = distributed or Single()
+    dist.check(plan.cuda_graph, config.cache_base_weights)
+    loss_of = dist.wrap(model, causal_lm_loss)  # DDP / FSDP2 around the model; alone: causal_lm_loss(model, .)
+    params = adapter_parameters(model)  # after wrap: FSDP2's sharded parameters
     examples = _data(train_examples, plan)
     identity = run_identity(config, run_info)
 
     # the run directory: a fresh run, or the run it continues
     out = Path(config.output_dir)
-    ckpt_io.clean_temp_dirs(out)
+    dist.on_main(lambda: ckpt_io.clean_temp_dirs(out))
     ckpt = _find_checkpoint(out, resume)
     if ckpt is None:
-        start_fresh(out, identity, overwrite)
-    run = _new_run(model, params, examples, config, plan, identity, pad_token_id, t_start)
+        dist.on_main(lambda: start_fresh(out, identity, overwrite))
+    run = _new_run(model, params, examples, config, plan, identity, pad_token_id, t_start, dist, loss_of)
     state, changes = _restore(run, ckpt, plan, allow_changes) if ckpt is not None else (None, [])
     if ckpt is None:
-        rewrite_metrics(run.metrics_path, [])
+        dist.on_main(lambda: rewrite_metrics(run.metrics_path, []))
     start_step = run.step
 
     model.train()
@@ -576,12 +620,16 @@ def train(
     if plan.cuda_graph:
         _capture(run, state["rng"] if state is not None else None)
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
-    progress = Progress(config.progress, run.total_steps, start_step, config.print_every, echo, run.device)
+    quiet = None if dist.is_main else (lambda line: None)  # one display: rank 0's
+    progress = Progress(
+        config.progress and dist.is_main, run.total_steps, start_step, config.print_every, quiet or echo, run.device
+    )
     warming = plan.compile_blocks or plan.cuda_graph  # the first step compiles and captures
     if warming:
         progress.describe("train (warm-up: compile + capture)")
     run.losses = [m["loss"] for m in read_metrics(run.metrics_path) if "loss" in m]
-    with weight_cache, open(run.metrics_path, "a", encoding="utf-8") as metrics_file:
+    metrics_to = run.metrics_path if dist.is_main else os.devnull
+    with weight_cache, open(metrics_to, "a", encoding="utf-8") as metrics_file:
 
         def log(record: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(record) + "\n")
@@ -590,14 +638,14 @@ def train(
         while run.step < run.total_steps:
             t0 = time.perf_counter()
             micro = [run.order.next_batch() for _ in range(config.grad_accum)]
-            n_step = sum(b.n_target_tokens for b in micro)
+            n_step = sum(b.n_target_tokens for b in micro)  # of the global batch, on every rank
             if n_step == 0:
                 raise ValueError(f"step {run.step}: the batch holds no completion tokens (all labels are -100)")
-            micro = [b.to(run.device) for b in micro]
+            step_tokens = sum(b.n_tokens for b in micro)
+            micro = [dist.shard(b).to(run.device) for b in micro]  # this rank's rows
             lr = float(run.optimizer.param_groups[0]["lr"])
             loss, grad_norm = _step(run, micro, n_step, pad_multiple)
             run.step += 1
-            step_tokens = sum(b.n_tokens for b in micro)
             run.tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             if warming:  # reported apart: steady-state speed leaves it out
@@ -627,9 +675,12 @@ def _finish(run: _Run, plan: Any, resumed_from: int | None, changes: list[str]) 
     if run.config.save_final_adapter:
         from minilora.lora import save_adapter
 
-        adapter_dir = save_adapter(run.model, run.out / "adapter")
+        adapter_dir = run.out / "adapter"
+        with run.dist.saving(run.model, run.optimizer) as (model, _):
+            run.dist.on_main(lambda: save_adapter(model, adapter_dir))
     metrics = read_metrics(run.metrics_path)
-    plot_path = plot_loss_curve(metrics, run.out / "loss_curve.png") if run.config.plot else None
+    plot = run.config.plot and run.dist.is_main
+    plot_path = plot_loss_curve(metrics, run.out / "loss_curve.png") if plot else None
     run.model.eval()
     return TrainResult(
         steps=run.step,

@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 import minilora.lora as ml
 from minilora.errors import AdapterError, ConfigError
 from minilora.lora.init import loftq_init, low_rank_fit, nf4_roundtrip
-from tests.lora.lora_testutil import assert_logits_close, hf_model, input_ids, logits, minilora_model, randomize_adapters
+from tests.lora.lora_testutil import (
+    assert_logits_close,
+    hf_model,
+    input_ids,
+    logits,
+    minilora_model,
+    randomize_adapters,
+)
 
 peft = pytest.importorskip("peft")
 

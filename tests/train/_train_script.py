@@ -21,6 +21,21 @@ from minilora.train import loop  # noqa: E402
 from minilora.train.data import tokenize_records  # noqa: E402
 from minilora_demo.price import split_products  # noqa: E402
 
+# the run's settings, shared with _dist_script.py (the distributed runs of the same training)
+TINY_RUN = dict(
+    batch_size=4,
+    grad_accum=2,
+    lr=5e-3,
+    warmup_steps=3,
+    min_lr_ratio=0.1,
+    eval_every=5,
+    save_every=2,
+    keep_last=2,
+    seed=3,
+    progress=False,
+    plot=False,
+)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -59,21 +74,7 @@ def main() -> None:
     model = from_pretrained(args.model, quantize="nf4")
     loop.seed_everything(0)
     add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], dropout=0.1)
-    config = loop.TrainConfig(
-        output_dir=args.out,
-        max_steps=args.steps,
-        batch_size=4,
-        grad_accum=2,
-        lr=5e-3,
-        warmup_steps=3,
-        min_lr_ratio=0.1,
-        eval_every=5,
-        save_every=2,
-        keep_last=2,
-        seed=3,
-        progress=False,
-        plot=False,
-    )
+    config = loop.TrainConfig(output_dir=args.out, max_steps=args.steps, **TINY_RUN)
     loop.train(model, train_data.examples, config, eval_data.examples, pad_token_id=258, resume=args.resume)
 
 
