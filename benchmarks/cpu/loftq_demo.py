@@ -64,7 +64,7 @@ def finetune(init: str, alpha: float, steps: int, smoke: bool, out: Path) -> dic
     from minilora.io.tokenizer import Tokenizer
     from minilora.loading import from_pretrained
     from minilora.lora import add_lora
-    from minilora.lora.init import quantize_lora_bases
+    from minilora.lora.layer import quantize_lora_bases
     from minilora.testing.tiny import make_tiny_model_dir
     from minilora.train.data import tokenize_records
     from minilora.train.loop import TrainConfig, evaluate, seed_everything, train

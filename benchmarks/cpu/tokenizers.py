@@ -12,7 +12,7 @@ here (shipped by a package, nothing downloaded):
 
 it measures:
 1. tokens per product description and per whole training example (prompt + completion) over the demo's
-   catalogue (minilora.demo.make_products), mean / median / max, and the padded length of a batch of 8;
+   catalogue (minilora_demo.price.make_products), mean / median / max, and the padded length of a batch of 8;
 2. tokens per price string, with the pieces ("$1,234.00": one token per digit for Qwen and Gemma, digit
    groups of three for Llama-3);
 3. what that does to training: the fp32 logits of one batch of 8 (B x T x vocab x 4 bytes, the largest
@@ -110,7 +110,7 @@ def padded_batch_length(encode: Encoder, texts: list[str]) -> float:
 
 
 def run(argv: list[str], out: Path, smoke: bool, device: str = "cpu") -> tuple[Path, Path]:
-    from minilora.demo import make_products
+    from minilora_demo.price import make_products
 
     report = Report("tokenizers", argv, out, smoke, device)
     settings = SMOKE if smoke else FULL

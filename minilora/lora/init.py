@@ -15,7 +15,7 @@
 (s = alpha / r, or alpha / sqrt(r) with rsLoRA.) PiSSA and OLoRA move the principal part of W into the
 adapter, so the base weight becomes the residual W_res and the model computes W x exactly on step 0.
 LoftQ replaces the base by its own quantized-then-dequantized approximation: quantize that base with NF4
-(blocksize 64, no double quant) and the codes come back unchanged: `quantize_lora_bases` does that after
+(blocksize 64, no double quant) and the codes come back unchanged: `lora.layer.quantize_lora_bases` does that after
 `add_lora(float_model, init="loftq")`, which gives the QLoRA model LoftQ was designed for. Like peft,
 LoftQ sets A = R, B = L with no division by s: the approximation is dequant(Q) + B A, which the forward
 computes when s = 1 (alpha = r).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
 
 from minilora.errors import ConfigError
 from minilora.quant.blockwise import dequantize_4bit, quantize_4bit
@@ -107,30 +106,6 @@ def loftq_init(
         if step + 1 < num_iter:
             target = w - B @ A
     return A, B, dequantized
-
-
-def quantize_lora_bases(
-    model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
-    compute_dtype: torch.dtype | None = None,
-) -> int:  # fmt: skip
-    """Replace the float base of every LoRALinear in `model` by a 4-bit Linear; returns how many.
-
-    The QLoRA step after a base-changing init (LoftQ, QPiSSA). With the defaults a LoftQ base
-    dequant(NF4(W')) re-quantizes to the same codes and absmax, so the model keeps dequant(Q) + B A.
-    """
-    from minilora.lora.layer import LoRALinear
-    from minilora.quant import Linear4bit
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoRALinear) and not module.quantized:
-            base = module.base_layer
-            module.base_layer = Linear4bit.from_weight(
-                base.weight.data, base.bias, blocksize=blocksize, quant_type=quant_type,
-                compress_statistics=double_quant, compute_dtype=compute_dtype,
-            )  # fmt: skip
-            count += 1
-    return count
 
 
 def initial_weights(

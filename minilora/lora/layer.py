@@ -360,3 +360,26 @@ class LoRALinear(nn.Module):
         active = "none" if s is None else f"r={s.r}, alpha={s.alpha}, scaling={s.scaling:g}, dora={s.use_dora}"
         names = sorted(self.lora_A)
         return f"active={self.active_adapter!r} ({active}), adapters={names}, disabled={self.disabled}"
+
+
+def quantize_lora_bases(
+    model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> int:  # fmt: skip
+    """Replace the float base of every LoRALinear in `model` by a 4-bit Linear; returns how many.
+
+    The QLoRA step after a base-changing init (LoftQ, QPiSSA). With the defaults a LoftQ base
+    dequant(NF4(W')) re-quantizes to the same codes and absmax, so the model keeps dequant(Q) + B A.
+    """
+    from minilora.quant import Linear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and not module.quantized:
+            base = module.base_layer
+            module.base_layer = Linear4bit.from_weight(
+                base.weight.data, base.bias, blocksize=blocksize, quant_type=quant_type,
+                compress_statistics=double_quant, compute_dtype=compute_dtype,
+            )  # fmt: skip
+            count += 1
+    return count

@@ -238,7 +238,7 @@ def test_loftq_qlora_trains_saves_and_peft_loads_it(tiny_llama_dir: Path, tmp_pa
     LoftQ example saves the LoftQ base weights with the adapter and sets init_lora_weights=True; the peft
     side here does the same: its base is the dequantized NF4 weights minilora trained on.
     """
-    from minilora.lora.init import quantize_lora_bases
+    from minilora.lora.layer import quantize_lora_bases
     from minilora.quant import Linear4bit
     from minilora.train.data import Example
     from minilora.train.loop import TrainConfig, evaluate, train
