@@ -67,7 +67,7 @@ def _tree_floor_into(packed: torch.Tensor, leaves: torch.Tensor, out: torch.Tens
 
 
 def _minilora_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor) -> None:
-    from minilora.quant.compiled import _dequantize_blocks
+    from minilora.kernels.compiled import _dequantize_blocks
 
     out.copy_(_dequantize_blocks(packed, absmax, code, torch.bfloat16).view(torch.int32))
 
@@ -95,7 +95,7 @@ def decompose(
     """Time the parts of one weight's dequantize (see the module docstring); returns the record for the json."""
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import dequantize_4bit
+    from minilora.kernels import dequantize_4bit
     from minilora.quant.blockwise import dequantize_absmax
 
     rows_, cols = shape

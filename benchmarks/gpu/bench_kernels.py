@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from benchmarks.harness import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results
 from minilora.kernels import dequant as kdequant
 from minilora.kernels import matmul as kmatmul
-from minilora.kernels import reference_mode
-from minilora.quant import NestedState, QuantState, dequantize_4bit, quantize_4bit
+from minilora.kernels import quantize_4bit, reference_mode
+from minilora.quant import NestedState, QuantState, dequantize_4bit
 
 SHAPES = {"gate_proj": (14336, 4096), "down_proj": (4096, 14336), "q_proj": (4096, 4096)}
 

@@ -182,11 +182,15 @@ def matmul_4bit_fused(
     return y.reshape(*x.shape[:-1], n)
 
 
+def uses_gemv(x: torch.Tensor, state: QuantState) -> bool:
+    """Whether matmul_4bit takes the GEMV kernel: at most DECODE_MAX_M rows of x, a shape the kernel takes."""
+    return x.numel() // max(1, x.shape[-1]) <= DECODE_MAX_M and gemv_supported(x, state)
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, strategy: str | None = None) -> torch.Tensor:
     """x @ W.T on the GPU: the GEMV kernel for M <= DECODE_MAX_M, else `strategy` ("dequant" or "fused")."""
     strategy = strategy or TRAIN_STRATEGY
-    m = x.numel() // max(1, x.shape[-1])
-    if m <= DECODE_MAX_M and gemv_supported(x, state):
+    if uses_gemv(x, state):
         return gemv_4bit(x, packed, state)
     if strategy == "fused" and fused_supported(x, state):
         return matmul_4bit_fused(x, packed, state)

@@ -14,7 +14,8 @@ import torch
 
 import minilora.kernels as kernels
 from minilora.kernels import dispatch
-from minilora.quant import Linear4bit, dequantize_4bit, quantize_4bit
+from minilora.nn import Linear4bit
+from minilora.quant import dequantize_4bit, quantize_4bit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,7 +143,6 @@ def test_linear4bit_custom_op_compiles_without_graph_breaks(monkeypatch: pytest.
 
     On CPU the operator runs the reference; dispatch is forced onto it to exercise the traced path.
     """
-    import minilora.quant.linear as linear_mod
     from minilora.kernels import matmul
 
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def test_linear4bit_custom_op_compiles_without_graph_breaks(monkeypatch: pytest.
     x = torch.randn(2, 5, 128, requires_grad=True)
     y_ref = layer(x)
     (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    monkeypatch.setattr(linear_mod, "use_fast_path", lambda t: True)
+    monkeypatch.setattr(dispatch, "use_fast_path", lambda t: True)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)
     y = compiled(x)

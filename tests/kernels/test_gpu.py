@@ -17,8 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.kernels import reference_mode, use_fast_path
-from minilora.quant import VALID_BLOCKSIZES, Linear4bit, dequantize_4bit, quantize_4bit
+from minilora.kernels import (
+    dequantize_4bit,
+    implementation,
+    last_implementation,
+    quantize_4bit,
+    reference_mode,
+    use_fast_path,
+)
+from minilora.nn import Linear4bit
+from minilora.quant import VALID_BLOCKSIZES
 
 pytestmark = pytest.mark.gpu
 
@@ -56,6 +64,7 @@ def test_dequantize_is_bit_identical(quant_type: str, double_quant: bool, blocks
                 ref = dequantize_4bit(packed, state, dtype)
             assert torch.equal(_bits(out), _bits(ref)), (shape, dtype)
             assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(ref))  # dispatches to the kernel
+            assert last_implementation("dequantize_4bit") == "triton"
             flat = torch.full((w.numel(),), float("nan"), device="cuda", dtype=dtype)  # out= of another shape
             got = dequantize_4bit(packed, state, out=flat)
             assert got.shape == shape and got.data_ptr() == flat.data_ptr() and torch.equal(_bits(got), _bits(ref))
@@ -93,7 +102,8 @@ def test_linear4bit_fast_path_matches_reference_path(m: int) -> None:
     torch.manual_seed(m)
     layer = Linear4bit.from_weight(torch.randn(768, 512, device="cuda") * 0.05, compute_dtype=torch.bfloat16)
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert use_fast_path(x)
+    expected = "triton-gemv" if m == 1 else "triton"  # M <= 4 rows: the GEMV kernel
+    assert use_fast_path(x) and implementation("linear_4bit", x, layer.weight, layer.quant_state) == expected
     y = layer(x)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)

@@ -34,4 +34,4 @@ def test_cache_gives_bit_identical_loss_grads_and_tokens(tiny_dir, byte_tok):
     assert torch.equal(plain_loss, cached_loss)
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, cached_grads, strict=True))
     assert plain_tokens == cached_tokens
-    assert not any("dequantize" in m.__dict__ for m in model.modules())  # restored on exit
+    assert not any("cached_weight" in m.__dict__ for m in model.modules())  # restored on exit
