@@ -43,10 +43,6 @@ _forced: bool | None = None  # set by use_reference(); None means "read the envi
 _last: dict[str, str] = {}  # op -> the implementation its last call ran
 
 
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def use_reference(force: bool = True) -> None:
     """Force the plain-PyTorch reference everywhere (force=True), or let the door choose again (False).
 
@@ -58,7 +54,9 @@ def use_reference(force: bool = True) -> None:
 
 def reference_forced() -> bool:
     """True when the reference is forced, by `use_reference(True)` or MINILORA_REFERENCE=1."""
-    return _env_on("MINILORA_REFERENCE") if _forced is None else _forced
+    if _forced is not None:
+        return _forced
+    return os.environ.get("MINILORA_REFERENCE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @contextlib.contextmanager
@@ -100,9 +98,8 @@ def last_implementation(op: str) -> str | None:
 
 def _dequantize_choice(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> str:
     dtype = dtype or state.dtype
-    if reference_forced() or packed.dtype != torch.uint8 or dtype not in FLOAT_DTYPES:
-        return REFERENCE
-    if torch.compiler.is_compiling():  # inside a trace the compiler fuses the reference itself
+    # inside a torch.compile trace the compiler fuses the reference itself
+    if reference_forced() or packed.dtype != torch.uint8 or dtype not in FLOAT_DTYPES or torch.compiler.is_compiling():
         return REFERENCE
     if use_fast_path(packed):
         return "triton"
@@ -233,10 +230,10 @@ def linear_4bit(
         if not torch.compiler.is_compiling():
             _record("linear_4bit", implementation("linear_4bit", x, packed, state))
         return fast(x, packed, state)
-    if weight is None:
-        dense = lambda: dequantize_for_matmul(packed, state, x.dtype)  # noqa: E731
-    else:
-        dense = lambda: weight.to(x.dtype)  # noqa: E731
+
+    def dense() -> torch.Tensor:
+        return dequantize_for_matmul(packed, state, x.dtype) if weight is None else weight.to(x.dtype)
+
     if torch.is_grad_enabled() and x.requires_grad:
         y = _FrozenWeightMatmul.apply(x, dense)
     else:  # no gradient to carry (inference, or a frozen input): the plain product, without autograd's cost

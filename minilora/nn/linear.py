@@ -21,6 +21,7 @@ checkpoint as it stands.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
@@ -48,7 +49,7 @@ class _Int8Matmul(torch.autograd.Function):
         return grad_out @ ctx.module.dense_weight(grad_out.dtype), None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, abc.ABC):
     """A frozen Linear [out, in] whose weight is stored quantized: what every format offers its readers.
 
     in_features, out_features, bias, compute_dtype   as on nn.Linear (compute_dtype: of the matmul, else x's)
@@ -68,21 +69,30 @@ class QuantizedLinear(nn.Module):
     cached_weight: torch.Tensor | None = None
 
     @property
+    @abc.abstractmethod
     def quant_format(self) -> str:
-        raise NotImplementedError
+        """The format: "nf4", "fp4" or "int8"."""
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The weight [out, in] as float, in `dtype` (default: the format's)."""
 
+    @abc.abstractmethod
     def requantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
-        raise NotImplementedError
+        """A new module of this format and settings holding `weight` (merging an adapter into the base)."""
 
+    @abc.abstractmethod
     def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The tensors under bitsandbytes' key names for module `prefix`."""
 
+    @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T (no bias), x already in the compute dtype."""
-        raise NotImplementedError
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> QuantizedLinear:
+        """`cls.from_weight(linear.weight, linear.bias, **kwargs)`: the swap for an nn.Linear."""
+        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[attr-defined]
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight in dtype for one product: the cached one while set, else dequantized now."""
@@ -163,10 +173,6 @@ class Linear4bit(QuantizedLinear):
         return cls(packed, state, bias, compute_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> Linear4bit:
-        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[arg-type]
-
-    @classmethod
     def from_bnb_state_dict(
         cls, tensors: dict[str, torch.Tensor], prefix: str, *, compute_dtype: torch.dtype | None = None
     ) -> Linear4bit:
@@ -231,16 +237,8 @@ class Linear4bit(QuantizedLinear):
             out[prefix + "bias"] = self.bias.data
         return out
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing: list,
-        unexpected: list,
-        errors: list,
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        errors: list = args[4]  # type: ignore[assignment]  # nn.Module's order: metadata, strict, missing, unexpected, errors
         mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
             loaded = Linear4bit.from_bnb_state_dict(mine, prefix, compute_dtype=self.compute_dtype)
@@ -312,10 +310,6 @@ class Linear8bit(QuantizedLinear):
         return cls(cb, scb, bias, threshold, compute_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> Linear8bit:
-        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[arg-type]
-
-    @classmethod
     def from_bnb_state_dict(
         cls,
         tensors: dict[str, torch.Tensor],
@@ -357,17 +351,9 @@ class Linear8bit(QuantizedLinear):
             out[prefix + "bias"] = self.bias.data
         return out
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing: list,
-        unexpected: list,
-        errors: list,
-    ) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        unexpected: list = args[3]  # type: ignore[assignment]  # nn.Module's order, as in Linear4bit
         if prefix + "weight_format" in unexpected:
             unexpected.remove(prefix + "weight_format")
 
