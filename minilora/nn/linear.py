@@ -299,13 +299,9 @@ class Linear8bit(QuantizedLinear):
 
     @classmethod
     def from_weight(
-        cls,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        threshold: float = 6.0,
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, threshold: float = 6.0,
         compute_dtype: torch.dtype | None = None,
-    ) -> Linear8bit:
+    ) -> Linear8bit:  # fmt: skip
         cb, scb = quantize_int8(weight)
         return cls(cb, scb, bias, threshold, compute_dtype)
 
