@@ -7,7 +7,7 @@ repeats after a warm-up, the minilora / bitsandbytes ratio, and the peak residen
 (VmHWM after resetting it), with the bytes of the input weight for scale. The outputs are checked to be
 identical bit for bit in the same run.
 
-minilora's CPU dequantize of a large weight runs a kernel built by torch.compile (minilora/quant/compiled.py),
+minilora's CPU dequantize of a large weight runs a kernel built by torch.compile (minilora/kernels/compiled.py),
 compiled at its first call in the process: that first call is timed on its own ("first call ms"), before the
 warm-up; one compile serves every shape, so only the first weight pays it.
 
