@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from ..quant import blockwise, int8
 from ..quant.state import FLOAT_DTYPES, QuantState
 from . import compiled, workspace
-from .platform import triton_available, triton_interpreted
+from .platform import _last, record, triton_available, triton_interpreted
 
 REFERENCE = "reference"
 _forced: bool | None = None  # set by use_reference(); None means "read the environment"
-_last: dict[str, str] = {}  # op -> the implementation its last call ran
 
 
 def use_reference(force: bool = True) -> None:
@@ -80,12 +79,6 @@ def _ptx_kernels(x: torch.Tensor) -> bool:
     """The Triton kernels with inline PTX (fastdiv.py, quantize.py) may run on x: an NVIDIA GPU (ROCm's compiler
     takes no PTX), Triton compiled (not its CPU interpreter)."""
     return use_fast_path(x) and torch.version.hip is None and not triton_interpreted()
-
-
-def _record(op: str, name: str) -> str:
-    if not torch.compiler.is_compiling():  # a trace runs once; what it traced is not a call
-        _last[op] = name
-    return name
 
 
 def last_implementation(op: str) -> str | None:
@@ -152,7 +145,7 @@ def quantize_4bit(
 ) -> tuple[torch.Tensor, QuantState]:
     """`minilora.quant.quantize_4bit`, with bitsandbytes' rounding of x's device unless `rounding` says."""
     rounding = rounding or _default_rounding(x)
-    if _record("quantize_4bit", implementation("quantize_4bit", x, rounding=rounding)) == REFERENCE:
+    if record("quantize_4bit", implementation("quantize_4bit", x, rounding=rounding)) == REFERENCE:
         return blockwise.quantize_4bit(x, blocksize, quant_type, compress_statistics, rounding)
     from .quantize import quantize_4bit_triton
 
@@ -172,20 +165,20 @@ def dequantize_4bit(
     if name == "triton":
         from .dequant import dequantize_4bit_triton
 
-        _record("dequantize_4bit", name)
+        record("dequantize_4bit", name)
         return dequantize_4bit_triton(packed, state, dtype, out=out).view(state.shape)
     if name == "compiled-cpu":
         result = compiled.dequantize_4bit_compiled(packed, state, dtype, out)  # type: ignore[arg-type]
         if result is not None:
-            _record("dequantize_4bit", name)
+            record("dequantize_4bit", name)
             return result
-    _record("dequantize_4bit", REFERENCE)  # also when compiling failed: the reference from then on
+    record("dequantize_4bit", REFERENCE)  # also when compiling failed: the reference from then on
     return blockwise.dequantize_4bit(packed, state, dtype, out=out)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`minilora.quant.quantize_int8_rowwise`, on an NVIDIA GPU with bitsandbytes' approximate division."""
-    if _record("quantize_int8", implementation("quantize_int8", weight)) == REFERENCE:
+    if record("quantize_int8", implementation("quantize_int8", weight)) == REFERENCE:
         return int8.quantize_int8_rowwise(weight)
     from .fastdiv import approx_divide
 
@@ -227,9 +220,7 @@ def linear_4bit(
     if weight is None and use_fast_path(x):
         from .matmul import linear_4bit as fast
 
-        if not torch.compiler.is_compiling():
-            _record("linear_4bit", implementation("linear_4bit", x, packed, state))
-        return fast(x, packed, state)
+        return fast(x, packed, state)  # records "triton-gemv" or "triton" as it runs
 
     def dense() -> torch.Tensor:
         return dequantize_for_matmul(packed, state, x.dtype) if weight is None else weight.to(x.dtype)
@@ -238,5 +229,5 @@ def linear_4bit(
         y = _FrozenWeightMatmul.apply(x, dense)
     else:  # no gradient to carry (inference, or a frozen input): the plain product, without autograd's cost
         y = F.linear(x, dense())
-    _record("linear_4bit", "cached" if weight is not None else _last.get("dequantize_4bit", REFERENCE))
+    record("linear_4bit", "cached" if weight is not None else _last.get("dequantize_4bit", REFERENCE))
     return y

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..quant.state import QuantState
 from .dequant import dequantize_4bit_triton
 from .gemv import gemv_4bit, gemv_supported
+from .platform import record
 
 # Largest M that takes the GEMV decode kernel (gemv.py); above it, dequantize + cuBLAS.
 # The crossover measured on the H200 lies between M = 4 and 8 on all three Llama-8B shapes
@@ -38,7 +39,9 @@ def uses_gemv(x: torch.Tensor, state: QuantState) -> bool:
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """x @ W.T on the GPU: the GEMV kernel for M <= DECODE_MAX_M, else the dequantize kernel and cuBLAS."""
     if uses_gemv(x, state):
+        record("linear_4bit", "triton-gemv")
         return gemv_4bit(x, packed, state)
+    record("linear_4bit", "triton")
     return F.linear(x, dequantize_4bit_triton(packed, state, x.dtype))
 
 

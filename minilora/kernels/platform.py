@@ -1,6 +1,7 @@
-"""What the machine offers the kernels: Triton importable or not, its CPU interpreter, the device to launch on.
+"""What the machine offers the kernels (Triton importable or not, its CPU interpreter, the device to launch on),
+and what each op ran last.
 
-Facts only, no choice: the door (dispatch.py) reads them to decide, the Triton modules to launch.
+Facts only, no choice: the door (dispatch.py) reads them to decide, the Triton modules to launch and to record.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import torch
 # constant rather than a lazy or functools.cache'd lookup: torch.compile reads it without tracing into
 # importlib (a lookup first made inside a compiled region was a graph break, benchmarks/gpu/NOTES.md).
 _triton: bool = importlib.util.find_spec("triton") is not None
+_last: dict[str, str] = {}  # op -> the implementation its last call ran (dispatch.last_implementation)
+
+
+def record(op: str, name: str) -> str:
+    """Note that a call of `op` ran `name` (not while torch.compile traces: a trace is not a call); returns name."""
+    if not torch.compiler.is_compiling():
+        _last[op] = name
+    return name
 
 
 def triton_available() -> bool:
