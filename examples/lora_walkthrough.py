@@ -18,7 +18,7 @@ import minilora.lora as ml
 from minilora.lora import LoRALinear
 from minilora.models.config import ModelConfig
 from minilora.models.llama import LlamaForCausalLM
-from minilora.quant import Linear4bit
+from minilora.nn import Linear4bit
 
 LLAMA_31_8B = {
     "model_type": "llama",

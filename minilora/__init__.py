@@ -5,8 +5,9 @@
     ... train ...
     minilora.save_adapter(model, "adapter/")                           # peft's file format
 
-Packages: quant/ (NF4, FP4, int8), lora/ (adapters), models/ (the decoder), io/ (checkpoints, GGUF,
-tokenizer), train/ (data, loop, checkpoints), kernels/ (GPU fast paths).
+Packages: quant/ (NF4, FP4, int8: the reference), kernels/ (fast paths and the door that picks them),
+nn/ (the quantized Linears), lora/ (adapters), models/ (the decoder), io/ (checkpoints, GGUF, tokenizer),
+train/ (data, loop, checkpoints).
 """
 
 from .loading import from_pretrained, save_quantized

@@ -227,7 +227,7 @@ def _quantize_linear(
     compute_dtype: torch.dtype | None,
     int8_threshold: float,
 ) -> nn.Module:
-    from minilora.quant import Linear4bit, Linear8bit
+    from minilora.nn import Linear4bit, Linear8bit
 
     if quantize == "int8":
         return Linear8bit.from_weight(weight, bias, threshold=int8_threshold, compute_dtype=compute_dtype)
@@ -249,7 +249,7 @@ def _load_prequantized(
     compute_dtype: torch.dtype | None,
     threshold: float,
 ) -> nn.Module:
-    from minilora.quant import Linear4bit, Linear8bit
+    from minilora.nn import Linear4bit, Linear8bit
 
     keys = [k for k in ckpt.keys() if k.startswith(f"{name}.")]
     tensors = {k: ckpt.get(k).to(device) for k in keys}
@@ -270,7 +270,7 @@ def _load_prequantized(
 # ---------------------------------------------------------------------------------------------- saving
 def quantization_config_of(model: nn.Module) -> dict[str, Any] | None:
     """The transformers ``quantization_config`` describing the model's quantized layers (None if none)."""
-    from minilora.quant import Linear4bit, Linear8bit
+    from minilora.nn import Linear4bit, Linear8bit
 
     four = [m for m in model.modules() if isinstance(m, Linear4bit)]
     eight = [m for m in model.modules() if isinstance(m, Linear8bit)]

@@ -348,7 +348,7 @@ def describe(model: nn.Module, max_depth: int = 8) -> str:
     state as bytes. Each line counts the unique tensors under that module (a tied head shows the shared matrix). A
     ModuleList of identical children prints its first child only, as ``(0-29): 30 x DecoderLayer``.
     """
-    from minilora.quant import Linear4bit, Linear8bit
+    from minilora.nn import QuantizedLinear
 
     lines: list[str] = []
 
@@ -356,9 +356,7 @@ def describe(model: nn.Module, max_depth: int = 8) -> str:
         params = list(module.parameters())
         tensors = params + list(module.buffers())
         # a quantized weight is a buffer, but still out x in parameters of the model
-        quantized = sum(
-            m.out_features * m.in_features for m in module.modules() if isinstance(m, (Linear4bit, Linear8bit))
-        )
+        quantized = sum(m.out_features * m.in_features for m in module.modules() if isinstance(m, QuantizedLinear))
         return sum(t.numel() for t in params) + quantized, sum(t.numel() * t.element_size() for t in tensors)
 
     def walk(name: str, module: nn.Module, depth: int, repeat: int = 1) -> None:

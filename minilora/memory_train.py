@@ -85,7 +85,7 @@ def expand_targets(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 def _meta_linear4bit(linear: nn.Linear, setup: TrainSetup) -> nn.Module:
     """A Linear4bit with meta packed codes and quant state of the right shapes (nothing is quantized)."""
-    from minilora.quant import Linear4bit
+    from minilora.nn import Linear4bit
     from minilora.quant.state import NestedState, QuantState
 
     out_f, in_f = linear.out_features, linear.in_features

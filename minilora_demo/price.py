@@ -258,7 +258,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = logger.info) -> d
     from minilora.loading import from_pretrained
     from minilora.lora import adapter_nbytes, add_lora, count_parameters, load_adapter, save_adapter
     from minilora.lora import trainable_parameters_report as trainable_report
-    from minilora.quant import quantized_nbytes
+    from minilora.nn import quantized_nbytes
     from minilora.testing.tiny import make_tiny_model_dir
     from minilora.train.data import tokenize_records, write_jsonl
     from minilora.train.loop import TrainConfig, seed_everything, train

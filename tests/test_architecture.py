@@ -117,19 +117,11 @@ def test_the_graph_is_read() -> None:
     assert "minilora.lora.api" in GRAPH["minilora.lora"]  # `from .api import ...`
 
 
-# Known and open (issue 14, points 1-2): minilora/quant (blockwise.py, compiled.py, cuda_rounding.py,
-# linear.py) still imports minilora/kernels, and blockwise/compiled/cuda_rounding import each other. Strict:
-# once the reference/fast split lands these pass and the marks must go.
-QUANT_KERNELS_OPEN = pytest.mark.xfail(strict=True, reason="issue 14: quant/ still imports kernels/ (open)")
-
-
-@QUANT_KERNELS_OPEN
 def test_no_circles() -> None:
     found = cycles(GRAPH)
     assert not found, "import circles in minilora/:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
-@QUANT_KERNELS_OPEN
 def test_no_arrow_against_the_floors() -> None:
     table = floor_table()
     wrong = sorted(

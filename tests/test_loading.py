@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minilora import quant
+from minilora import nn as quant_nn
 from minilora.io.checkpoint import CheckpointError
 from minilora.loading import QUANTIZABLE, from_pretrained, save_quantized
 
@@ -136,7 +136,7 @@ def reference_logits(model: "transformers.PreTrainedModel", quantize: str) -> to
 
 def our_model_logits(model: torch.nn.Module, quantize: str) -> torch.Tensor:
     """Logits of a minilora model; 8-bit layers run weight-only (threshold 0: x @ dequant(W).T)."""
-    int8_layers = [m for m in model.modules() if isinstance(m, quant.Linear8bit)]
+    int8_layers = [m for m in model.modules() if isinstance(m, quant_nn.Linear8bit)]
     saved = [m.threshold for m in int8_layers]
     for module in int8_layers:
         module.threshold = 0.0
@@ -149,7 +149,7 @@ def our_model_logits(model: torch.nn.Module, quantize: str) -> torch.Tensor:
 
 def test_quantize_on_load_matches_transformers_bnb(setup):
     _, quantize, _, expected, ours, _ = setup
-    kind = quant.Linear8bit if quantize == "int8" else quant.Linear4bit
+    kind = quant_nn.Linear8bit if quantize == "int8" else quant_nn.Linear4bit
     for name, module in ours.named_modules():
         if name.rsplit(".", 1)[-1] in QUANTIZABLE:
             assert isinstance(module, kind), name

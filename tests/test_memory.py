@@ -174,7 +174,7 @@ def test_transformers_count_is_exact(tmp_path: Path, tied: bool) -> None:
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_true_bytes_match_a_minilora_quantized_model(tmp_path: Path, quantize: str) -> None:
     from minilora.loading import from_pretrained
-    from minilora.quant import quantized_nbytes
+    from minilora.nn import quantized_nbytes
 
     d = _tiny_checkpoint(tmp_path, tied=False)
     model = from_pretrained(d, quantize=quantize, double_quant=True, dtype=torch.bfloat16)

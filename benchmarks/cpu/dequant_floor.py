@@ -7,7 +7,7 @@ dequantize to bfloat16 into its parts, every part timed in the same interleaved 
   faults: the kernel zeroes each 4 KB page and maps it). Both libraries return a new tensor, so both pay this.
 - each library's kernel alone, writing into an output whose pages are already mapped: bitsandbytes' C++
   kernel (its AVX-512 code, called through its own ctypes entry point, absmax already in float32) and
-  minilora's compiled kernel (minilora/quant/compiled.py, the same bits).
+  minilora's compiled kernel (minilora/kernels/compiled.py, the same bits).
 - the select-tree bound: the cheapest lookup loop we could get Inductor to build, with the per-block table of
   16 rounded products `bf16(code[k] * absmax[b])` *handed to it for free* (its own time and memory not
   counted), so the loop only loads, unpacks, selects and stores. Why a select tree: eager PyTorch has no
@@ -67,7 +67,7 @@ def _tree_floor_into(packed: torch.Tensor, leaves: torch.Tensor, out: torch.Tens
 
 
 def _minilora_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor) -> None:
-    from minilora.quant.compiled import _dequantize_blocks
+    from minilora.kernels.compiled import _dequantize_blocks
 
     out.copy_(_dequantize_blocks(packed, absmax, code, torch.bfloat16).view(torch.int32))
 
@@ -95,7 +95,7 @@ def decompose(
     """Time the parts of one weight's dequantize (see the module docstring); returns the record for the json."""
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import dequantize_4bit
+    from minilora.kernels import dequantize_4bit
     from minilora.quant.blockwise import dequantize_absmax
 
     rows_, cols = shape

@@ -112,7 +112,7 @@ def child_load_minilora(
     directory: str, warmup_directory: str, sample_anon: bool, device: str = "cpu"
 ) -> dict[str, Any]:
     from minilora.loading import from_pretrained
-    from minilora.quant import quantized_nbytes
+    from minilora.nn import quantized_nbytes
 
     kwargs: dict[str, Any] = {"quantize": "nf4", "double_quant": True, "dtype": torch.bfloat16, "device": device}
     warm = from_pretrained(warmup_directory, **kwargs)  # lazy imports, CUDA context

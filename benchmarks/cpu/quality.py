@@ -52,7 +52,9 @@ def roundtrip(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor,
     """(minilora's Q(W), bitsandbytes' Q(W), stored codes and scales identical, per-part differences)."""
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import dequantize_4bit, dequantize_int8_rowwise, quantize_4bit, quantize_int8_rowwise
+    from minilora.kernels import dequantize_4bit, quantize_4bit
+    from minilora.kernels import quantize_int8 as quantize_int8_rowwise
+    from minilora.quant import dequantize_int8_rowwise
 
     if scheme == "int8":
         cb, scb = quantize_int8_rowwise(w)
@@ -81,7 +83,8 @@ def _nearest_dq(
     w: torch.Tensor, packed: torch.Tensor, state: QuantState, ref_state: Any, theirs: torch.Tensor
 ) -> dict[str, float]:
     """minilora's double quant with rounding="nearest" (plain nearest-code rounding) against bitsandbytes."""
-    from minilora.quant import dequantize_4bit, double_quantize, quantize_4bit
+    from minilora.kernels import dequantize_4bit, quantize_4bit
+    from minilora.quant import double_quantize
 
     _, plain = quantize_4bit(w, 64, state.quant_type, compress_statistics=False)
     state_n = double_quantize(plain, rounding="nearest")

@@ -7,7 +7,7 @@ repeats after a warm-up, the minilora / bitsandbytes ratio, and the peak residen
 (VmHWM after resetting it), with the bytes of the input weight for scale. The outputs are checked to be
 identical bit for bit in the same run.
 
-minilora's CPU dequantize of a large weight runs a kernel built by torch.compile (minilora/quant/compiled.py),
+minilora's CPU dequantize of a large weight runs a kernel built by torch.compile (minilora/kernels/compiled.py),
 compiled at its first call in the process: that first call is timed on its own ("first call ms"), before the
 warm-up; one compile serves every shape, so only the first weight pays it.
 
@@ -36,7 +36,7 @@ SMOKE_SHAPES = [("tiny_a", 256, 256), ("tiny_b", 512, 256)]
 def _libs() -> dict[str, dict[str, Any]]:
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import dequantize_4bit, quantize_4bit
+    from minilora.kernels import dequantize_4bit, quantize_4bit  # the door: the fast path that applies
 
     return {
         "minilora": {

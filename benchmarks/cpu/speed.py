@@ -43,7 +43,7 @@ def linear_case(m: int, n: int, k: int, repeats: int, n_inputs: int = 3, device:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    from minilora.quant import Linear4bit
+    from minilora.nn import Linear4bit
 
     dtype = torch.bfloat16
     w = (torch.randn(n, k) * 0.02).to(dtype).to(device)

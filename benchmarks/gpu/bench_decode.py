@@ -31,8 +31,9 @@ from benchmarks.gpu.bench_kernels import from_bnb_state, rel_err
 from benchmarks.harness import bench_us, environment, md_table, write_results
 from minilora.kernels import gemv as kgemv
 from minilora.kernels import matmul as kmatmul
+from minilora.kernels import quantize_4bit
 from minilora.kernels.dequant import dequantize_4bit_triton
-from minilora.quant import dequantize_4bit, quantize_4bit
+from minilora.quant import dequantize_4bit
 
 SHAPES = {"gate_proj": (14336, 4096), "down_proj": (4096, 14336), "q_proj": (4096, 4096)}
 SWEEP = [  # (BLOCK_N, BLOCK_KB, num_warps)

@@ -83,7 +83,7 @@ def run_reference(quant: bool) -> dict:
 
 def build_minilora(quant: bool) -> nn.Module:
     from minilora.models import LlamaForCausalLM, ModelConfig
-    from minilora.quant import Linear4bit, replace_linears
+    from minilora.nn import Linear4bit, replace_linears
 
     cfg = ModelConfig(model_type="llama", head_dim=128, **LLAMA8B)
     torch.manual_seed(0)

@@ -93,7 +93,7 @@ def build_reference(layers: int) -> nn.Module:
 def build_minilora(layers: int, device: str = "cuda") -> nn.Module:
     from minilora.lora import add_lora
     from minilora.models import LlamaForCausalLM, ModelConfig
-    from minilora.quant import Linear4bit, replace_linears
+    from minilora.nn import Linear4bit, replace_linears
 
     cfg = ModelConfig(
         model_type="llama",

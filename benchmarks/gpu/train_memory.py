@@ -47,7 +47,7 @@ CASES = [(4, 182, False), (4, 182, True), (1, 2048, False), (1, 2048, True)]
 def build(layers: int, device: str = "cuda") -> torch.nn.Module:
     from minilora.lora import add_lora
     from minilora.models import LlamaForCausalLM, ModelConfig
-    from minilora.quant import Linear4bit, replace_linears
+    from minilora.nn import Linear4bit, replace_linears
 
     cfg = ModelConfig(
         head_dim=LLAMA8B["hidden_size"] // LLAMA8B["num_attention_heads"], **{**LLAMA8B, "num_hidden_layers": layers}

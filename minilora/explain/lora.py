@@ -155,7 +155,7 @@ def measure_merge(
 ) -> list[MergeMeasurement]:
     """Merge LoRA updates of several sizes into `weight` quantized to 4-bit, and measure what it costs."""
     from minilora.kernels import reference_mode
-    from minilora.quant import Linear4bit
+    from minilora.nn import Linear4bit
 
     w = weight.detach().float()
     gen = torch.Generator().manual_seed(seed)

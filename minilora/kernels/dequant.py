@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..quant.state import QuantState
-from .dispatch import launch_device
+from .platform import launch_device
 
 # Bytes of packed input per program (NB = TILE_BYTES // (blocksize / 2) blocks, at least one).
 TILE_BYTES = 4096

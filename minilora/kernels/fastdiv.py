@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launch_device
+from .platform import launch_device
 
 BLOCK = 1024
 

@@ -27,18 +27,13 @@ benchmarks/gpu/NOTES.md.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.state import QuantState
 from .dequant import _state_pointers
-from .dispatch import launch_device
-
-# The CPU interpreter (TRITON_INTERPRET=1) cannot run inline PTX: it takes the tl.load lookup instead.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .platform import launch_device, triton_interpreted
 
 # Largest M served by this kernel (BLOCK_M = next power of two of M, unrolled inside the kernel).
 GEMV_MAX_M = 16
@@ -235,7 +230,7 @@ def gemv_4bit(
             BLOCK_M=max(cfg["BLOCK_M"], 1 if m == 1 else triton.next_power_of_2(m)),
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_KB=block_kb,
-            ASM=not _INTERPRETED,
+            ASM=not triton_interpreted(),  # the CPU interpreter cannot run inline PTX: a tl.load lookup instead
             num_warps=cfg.get("num_warps", 4),
             num_stages=cfg.get("num_stages", 1),
         )

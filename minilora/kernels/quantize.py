@@ -1,7 +1,7 @@
 """Triton kernel: blockwise NF4/FP4 quantization on the GPU, storing the bytes bitsandbytes' CUDA kernel stores.
 
 One launch reads the weight once and writes the packed codes and the absmax, where the plain-PyTorch rule
-(minilora/quant/blockwise.py, rounding="bnb_cuda") takes a dozen passes over float32 copies. Per block of
+(minilora/quant/bnb_cuda_rule.py, rounding="bnb_cuda") takes a dozen passes over float32 copies. Per block of
 `blocksize` values, as that rule (and bitsandbytes' kernel) does:
 
     subnormal inputs -> 0;  absmax = max |x|;  r = 1 / absmax by the GPU's approximate division;
@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launch_device
+from ..quant import blockwise, bnb_cuda_rule
+from ..quant.state import QuantState
+from .platform import launch_device
 
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # 2**-126: below it, fast-math code sees zero
 TILE_VALUES = 4096  # values per program: NB = TILE_VALUES // blocksize blocks (at least 1)
@@ -104,11 +106,25 @@ def _tables(
 
 
 def quantize_4bit_triton(
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """`blockwise.quantize_4bit(x, ..., rounding="bnb_cuda")` of a CUDA tensor: the codes (and the nested absmax
+    codes) in one Triton launch each, the same bytes."""
+    blockwise.check_quantize_args(x, blocksize, quant_type)
+    boundaries, rank_to_index = bnb_cuda_rule.boundaries(quant_type)
+    packed, absmax = _quantize_4bit(x.detach(), blocksize, boundaries, rank_to_index, quant_type == "fp4")
+    blockwise.check_float_tensor(x, "quantize_4bit", absmax=absmax)  # the kernel passes NaN/Inf into the absmax
+    return packed, blockwise.new_state(
+        x, absmax, blocksize, quant_type, compress_statistics, "bnb_cuda", quantize_8bit_triton
+    )
+
+
+def _quantize_4bit(
     x: torch.Tensor, blocksize: int, boundaries: list[float], rank_to_index: list[int], sign_first: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 ((n + 1) // 2, 1), absmax float32 (n_blocks,)) of a CUDA tensor, by bitsandbytes' CUDA rule.
 
-    boundaries / rank_to_index / sign_first: the rule's tables (quant.cuda_rounding.boundaries).
+    boundaries / rank_to_index / sign_first: the rule's tables (quant.bnb_cuda_rule.boundaries).
     """
     flat = x.reshape(-1)
     if not flat.is_contiguous():
@@ -150,7 +166,7 @@ def _quantize_8bit_kernel(
     NB: tl.constexpr,
 ):
     """8-bit blockwise codes (double quantization) by bitsandbytes' CUDA rule: the binary search of
-    quant.cuda_rounding.code_index_8bit, on scales made as in the 4-bit kernel."""
+    quant.bnb_cuda_rule.code_index_8bit, on scales made as in the 4-bit kernel."""
     blocks = tl.program_id(0) * NB + tl.arange(0, NB)  # (NB,)
     offs = blocks[:, None].to(tl.int64) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BLOCKSIZE)
     x = _flush(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))

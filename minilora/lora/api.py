@@ -24,6 +24,7 @@ from minilora.lora.extras import (
 )
 from minilora.lora.layer import LoRALinear, MergeReport
 from minilora.lora.targeting import find_targets, pattern_value
+from minilora.nn import QuantizedLinear
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -239,9 +240,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     for module in model.modules():
-        if not isinstance(module, nn.Linear) and callable(getattr(module, "dequantize", None)):
-            if hasattr(module, "in_features") and hasattr(module, "out_features"):
-                total += module.in_features * module.out_features
+        if isinstance(module, QuantizedLinear):
+            total += module.in_features * module.out_features
     return trainable, total
 
 

@@ -30,7 +30,7 @@ import re
 import torch
 
 from minilora.errors import ConfigError
-from minilora.quant.blockwise import dequantize_4bit, quantize_4bit
+from minilora.kernels import dequantize_4bit, quantize_4bit
 
 SIMPLE_INITS = ("default", "gaussian")
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")

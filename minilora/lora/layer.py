@@ -19,7 +19,7 @@ DoRA (Liu et al. 2024, section 4) splits the merged weight into a per-row magnit
     y = base(x) + (g - 1) * (W x) + g * s * B A x,  g = m / ||W + s B A||_row.
 m is a trainable vector initialised to ||W||_row, so DoRA also starts equal to the base model.
 
-QLoRA (Dettmers et al. 2023, section 3): the base may be a 4-bit or 8-bit module with `dequantize()`;
+QLoRA (Dettmers et al. 2023, section 3): the base may be a 4-bit or 8-bit `minilora.nn.QuantizedLinear`;
 adapters stay float32 (by default), the input is cast to the adapter dtype and the adapter output back
 to the base output's dtype. Gradients flow to A, B (and m) through the frozen quantized base.
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from minilora.errors import AdapterError
 from minilora.lora.init import check_init, initial_weights
+from minilora.nn import Linear4bit, QuantizedLinear, float_weight
 
 
 @dataclass
@@ -67,43 +68,6 @@ class MergeReport:
     rel_error: float
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    """A quantized Linear is any non-nn.Linear module with in/out features and a `dequantize()` method."""
-    return (
-        not isinstance(module, nn.Linear)
-        and callable(getattr(module, "dequantize", None))
-        and hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-    )
-
-
-def base_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's [out, in] weight: the parameter itself for nn.Linear, dequantized otherwise."""
-    if isinstance(base, nn.Linear):
-        return base.weight
-    if is_quantized_linear(base):
-        return base.dequantize()
-    raise ValueError(f"LoRA base must be nn.Linear or a quantized Linear with dequantize(), got {type(base)}")
-
-
-def requantize_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A new quantized Linear of `old`'s class and settings holding `weight` (used to merge into 4/8-bit)."""
-    cls = type(old)
-    if hasattr(old, "quant_type"):  # Linear4bit
-        return cls.from_weight(
-            weight,
-            bias,
-            blocksize=old.blocksize,
-            quant_type=old.quant_type,
-            # double quantization shows as nested absmax buffers on minilora's Linear4bit
-            compress_statistics=getattr(old, "compress_statistics", hasattr(old, "nested_absmax")),
-            compute_dtype=old.compute_dtype,
-        )
-    if hasattr(old, "threshold"):  # Linear8bit
-        return cls.from_weight(weight, bias, threshold=old.threshold, compute_dtype=old.compute_dtype)
-    raise ValueError(f"cannot requantize a {cls.__name__}: it has neither quant_type nor threshold")
-
-
 def _device_of(module: nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
@@ -127,7 +91,7 @@ class LoRALinear(nn.Module):
         loftq_config: dict | None = None,
     ) -> None:
         super().__init__()
-        if not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
+        if not isinstance(base, (nn.Linear, QuantizedLinear)):
             raise ValueError(f"LoRALinear wraps nn.Linear or a quantized Linear, got {type(base).__name__}")
         self.base_layer = base
         self.in_features: int = base.in_features
@@ -147,7 +111,7 @@ class LoRALinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return is_quantized_linear(self.base_layer)
+        return isinstance(self.base_layer, QuantizedLinear)
 
     def add_adapter(  # __init__'s adapter arguments (peft's update_layer takes the same)
         self,
@@ -189,7 +153,7 @@ class LoRALinear(nn.Module):
         self.settings[name] = AdapterSettings(r, alpha, scaling, dropout, use_dora)
         if use_dora:
             with torch.no_grad():
-                weight = base_weight(self.base_layer).to(adapter_dtype)
+                weight = float_weight(self.base_layer).to(adapter_dtype)
                 magnitude = torch.linalg.norm(weight + scaling * self.lora_delta(name, unscaled=True), dim=1)
             self.lora_magnitude_vector[name] = nn.Parameter(magnitude)  # (out,)
 
@@ -204,13 +168,13 @@ class LoRALinear(nn.Module):
                 f"init={init!r} needs a float base layer, got {type(self.base_layer).__name__}; initialise on the "
                 "float model, then quantize its base weights"
             )
-        weight = base_weight(self.base_layer)
+        weight = float_weight(self.base_layer)
         A, B, new_base = initial_weights(init, weight, r, scaling, loftq_config)
         lora_A.weight.data = A.to(lora_A.weight.dtype).contiguous()
         lora_B.weight.data = B.to(lora_B.weight.dtype).contiguous()
         if self.quantized:
             bias = getattr(self.base_layer, "bias", None)
-            self.base_layer = requantize_like(self.base_layer, new_base.to(weight.dtype), bias)
+            self.base_layer = self.base_layer.requantize(new_base.to(weight.dtype), bias)
         else:
             self.base_layer.weight.data = new_base.to(weight.dtype)
 
@@ -253,7 +217,7 @@ class LoRALinear(nn.Module):
         """(g - 1) * W x + g * s * B A x, g = m / ||W + s B A||_row with the norm detached (DoRA 4.3)."""
         scaling = self.settings[name].scaling
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        weight = base_weight(self.base_layer).to(x.dtype)
+        weight = float_weight(self.base_layer).to(x.dtype)
         norm = torch.linalg.norm(weight + scaling * self.lora_delta(name, unscaled=True).detach(), dim=1)
         g = (self.lora_magnitude_vector[name] / norm.detach()).view(1, -1)  # (1, out)
         dropout = self.lora_dropout[name]
@@ -302,7 +266,7 @@ class LoRALinear(nn.Module):
         dequantized = old.dequantize()
         target = self.merged_weight(dequantized.to(torch.float32), name)
         bias = None if getattr(old, "bias", None) is None else old.bias.detach().clone()
-        new = requantize_like(old, target.to(dequantized.dtype), bias)
+        new = old.requantize(target.to(dequantized.dtype), bias)
         error = new.dequantize().to(torch.float32) - target
         report = MergeReport(
             module_name,
@@ -341,7 +305,7 @@ class LoRALinear(nn.Module):
         dtype defaults to the base weight's dtype (for a quantized base: the dtype it was quantized from).
         If an adapter is already merged, the current base weight is taken as is.
         """
-        weight = base_weight(self.base_layer).detach()
+        weight = float_weight(self.base_layer).detach()
         dtype = dtype or weight.dtype
         merged = weight.to(torch.float32)
         if not self.merged_adapters and self.active_adapter in self.lora_A:
@@ -371,8 +335,6 @@ def quantize_lora_bases(
     The QLoRA step after a base-changing init (LoftQ, QPiSSA). With the defaults a LoftQ base
     dequant(NF4(W')) re-quantizes to the same codes and absmax, so the model keeps dequant(Q) + B A.
     """
-    from minilora.quant import Linear4bit
-
     count = 0
     for module in model.modules():
         if isinstance(module, LoRALinear) and not module.quantized:

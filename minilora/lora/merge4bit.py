@@ -22,7 +22,7 @@ from torch import nn
 
 from minilora.errors import AdapterError
 from minilora.lora.api import lora_layers, merge_adapters, merge_and_unload
-from minilora.lora.layer import MergeReport, requantize_like
+from minilora.lora.layer import MergeReport
 
 MERGE_MODES = ("requantize", "bf16", "keep")
 
@@ -37,7 +37,7 @@ def requantization_report(model: nn.Module, adapter_name: str | None = None) -> 
             continue
         dequantized = layer.base_layer.dequantize()
         target = layer.merged_weight(dequantized.to(torch.float32), name)  # (out, in)
-        stored = requantize_like(layer.base_layer, target.to(dequantized.dtype), None)
+        stored = layer.base_layer.requantize(target.to(dequantized.dtype), None)
         error = stored.dequantize().to(torch.float32) - target
         reports.append(
             MergeReport(

@@ -17,14 +17,15 @@ from torch import nn
 
 from minilora.lora.config import LoRAConfig
 from minilora.lora.extras import ModulesToSave, TrainableTokens
-from minilora.lora.layer import LoRALinear, is_quantized_linear
+from minilora.lora.layer import LoRALinear
+from minilora.nn import QuantizedLinear
 
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or a quantized Linear (anything with in/out features and dequantize())."""
-    return isinstance(module, nn.Linear) or is_quantized_linear(module)
+    return isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear)
 
 
 def _matches_name_list(names: list[str], key: str) -> bool:

@@ -1,10 +1,12 @@
 """minilora.quant: NF4/FP4 blockwise 4-bit quantization with double quantization, and LLM.int8 weights.
 
-Read in this order: codebooks.py (the data types) -> blockwise.py (quantize, pack, double quant) ->
-state.py (what is stored, and the checkpoint keys) -> int8.py -> linear.py (the modules).
+The reference: plain PyTorch, read beside the QLoRA paper (section 3) and LLM.int8. Read in this order:
+codebooks.py (the data types, nearest-code rounding) -> blockwise.py (quantize, pack, double quant,
+dequantize) -> state.py (what is stored, and the checkpoint keys) -> int8.py -> bnb_cuda_rule.py (the odd
+details of bitsandbytes' CUDA kernels, for bytes equal to what it stores on a GPU). The fast paths and the
+door that picks them are minilora.kernels; the quantized Linear modules are minilora.nn.
 """
 
-from . import workspace
 from .blockwise import (
     dequantize_4bit,
     dequantize_absmax,
@@ -18,14 +20,11 @@ from .blockwise import (
 )
 from .codebooks import NF4_CODE, derive_dynamic_code, derive_fp4_code, derive_nf4_code, get_code
 from .int8 import dequantize_int8_rowwise, int8_linear, quantize_int8_rowwise
-from .linear import Linear4bit, Linear8bit, quantized_nbytes, replace_linears
 from .state import VALID_BLOCKSIZES, NestedState, QuantState
 
 __all__ = [
     "NF4_CODE",
     "VALID_BLOCKSIZES",
-    "Linear4bit",
-    "Linear8bit",
     "NestedState",
     "QuantState",
     "dequantize_4bit",
@@ -43,8 +42,5 @@ __all__ = [
     "quantize_4bit_codes",
     "quantize_blockwise_8bit",
     "quantize_int8_rowwise",
-    "quantized_nbytes",
-    "replace_linears",
     "unpack_4bit",
-    "workspace",
 ]

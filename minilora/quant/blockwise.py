@@ -23,20 +23,23 @@ including two of its details: full blocks are scaled by the reciprocal of absmax
 block is divided by it, and a zero absmax is floored at 1e-38 for the scaling (a partial all-zero last
 block therefore stores 1e-38, a full one stores 0).
 
-On a CUDA tensor the quantizer follows bitsandbytes' CUDA kernel instead (rounding="bnb_cuda", the default
-there), which stores a few different codes: cuda_rounding.py.
+rounding="bnb_cuda" follows bitsandbytes' CUDA kernel instead, which stores a few different codes; its odd
+details live in bnb_cuda_rule.py. Which rule a tensor gets by default, and whether a fast kernel runs, is the
+door's choice (minilora/kernels/dispatch.py), never this file's: everything here is plain PyTorch.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from minilora.errors import QuantStateError
 
-from ..kernels.dispatch import reference_forced, triton_available
-from . import compiled, cuda_rounding
-from .codebooks import get_code, get_code_on
+from . import bnb_cuda_rule
+from .codebooks import get_code, nearest_code_index, sorted_midpoints
 from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, QuantState, check_state_fits
 
 # Work on at most this many elements at once: a chunk's float32 scratch is 4 MB, so quantizing or
@@ -44,9 +47,11 @@ from .state import FLOAT_DTYPES, QUANT_TYPES, VALID_BLOCKSIZES, NestedState, Qua
 # fit the cache better on an idle machine but multiply the thread synchronisations: when another process
 # holds a core, each of those waits, and a quantize took 100x longer.)
 CHUNK = 1 << 20
+# quantize_8bit(x, code, blocksize) -> (uint8 codes (n,), absmax (n_blocks,)): how double quantization stores the absmax
+Quantize8bit = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None = None) -> None:
+def check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None = None) -> None:
     """ValueError for a non-float or empty tensor, or one holding NaN/Inf.
 
     `absmax` (per block or per row, already computed by the caller) makes the finiteness check cheap: a
@@ -65,17 +70,6 @@ def _check_float_tensor(x: torch.Tensor, what: str, absmax: torch.Tensor | None 
             f"{what}: tensor holds NaN or Inf ({int(mask.sum())} of {x.numel()} values; "
             f"first at flat index {bad}: {x.reshape(-1)[bad].item()})"
         )
-
-
-def _sorted_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decision boundaries of nearest-code rounding: midpoints of the codes in value order.
-
-    Returns (midpoints (15,), order (16,)) where order[k] is the code index of the k-th smallest code.
-    A stable sort keeps equal codes (FP4's two zeros) in index order.
-    """
-    order = torch.sort(code, stable=True).indices
-    ordered = code[order]
-    return (ordered[:-1] + ordered[1:]) * 0.5, order
 
 
 def pack_4bit(q: torch.Tensor, pad_index: int = 0) -> torch.Tensor:
@@ -112,42 +106,28 @@ def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return absmax, scaled
 
 
-def nearest_code_index(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
-    """Step 4: the rank of the nearest code = how many decision boundaries lie strictly below the value.
-
-    A value exactly on a boundary is not counted past it, so ties go to the lower code. Returns uint8.
-    """
-    index = (scaled > midpoints[0]).to(torch.uint8)
-    for boundary in midpoints[1:]:
-        index += scaled > boundary
-    return index
-
-
 def quantize_4bit_codes(
-    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", rounding: str | None = None
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", rounding: str = "bnb_cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-4 without packing: (code indices uint8 (n,), absmax float32 (n_blocks,)).
 
     `rounding`: "bnb_cpu" (bitsandbytes' CPU path: nearest code, ties to the lower one) or "bnb_cuda" (its CUDA
-    kernel); default: the kernel of the device x is on. "bnb_cpu" works through the tensor in chunks of whole
-    blocks (CHUNK elements), so its scratch space stays a few megabytes whatever the tensor's size; "bnb_cuda"
-    takes the tensor at once (float32 temporaries of its whole size: memory a GPU has, and quantize_4bit runs
-    it there as one Triton kernel instead).
+    kernel). "bnb_cpu" works through the tensor in chunks of whole blocks (CHUNK elements), so its scratch space
+    stays a few megabytes whatever the tensor's size; "bnb_cuda" takes the tensor at once (float32 temporaries of
+    its whole size: memory a GPU has, where the door runs it as one Triton kernel instead).
     """
-    rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
-    if rounding == "bnb_cuda":
-        absmax, scaled = cuda_rounding.scale_blocks(x.reshape(-1), blocksize)
-        return cuda_rounding.code_index(scaled, quant_type), absmax
+    if rounding == "bnb_cuda":  # bitsandbytes' GPU bytes need its kernel's odd float details: bnb_cuda_rule.py
+        absmax, scaled = bnb_cuda_rule.scale_blocks(x.reshape(-1), blocksize)
+        return bnb_cuda_rule.code_index(scaled, quant_type), absmax
     if rounding != "bnb_cpu":
         raise ValueError(f"rounding {rounding!r} is not 'bnb_cpu' or 'bnb_cuda'")
-    midpoints, order = _sorted_midpoints(get_code(quant_type))
+    midpoints, order = sorted_midpoints(get_code(quant_type))
     bounds = midpoints.tolist()
     flat = x.reshape(-1)
     n = flat.numel()
-    indices = torch.empty(n, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
-    # On a GPU the whole tensor goes at once: memory is less tight and every extra launch costs.
-    step = n if x.is_cuda else max(blocksize, CHUNK - CHUNK % blocksize)
+    indices = torch.empty(n, dtype=torch.uint8, device=x.device)  # (n,)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)  # (n_blocks,)
+    step = max(blocksize, CHUNK - CHUNK % blocksize)
     for start in range(0, n, step):
         chunk_absmax, scaled = _scale_blocks(flat[start : start + step], blocksize)
         absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
@@ -163,13 +143,24 @@ def _pad_index(quant_type: str, rounding: str, absmax: torch.Tensor) -> int:
     if rounding == "bnb_cpu":
         return _index_of_zero(quant_type)
     scaled = torch.tensor([float("nan") if float(absmax[-1]) == 0 else 0.0])
-    return int(cuda_rounding.code_index(scaled, quant_type)[0])
+    return int(bnb_cuda_rule.code_index(scaled, quant_type)[0])
 
 
 def _index_of_zero(quant_type: str) -> int:
     """The code index that 0.0 rounds to: the padding of an odd element count."""
-    midpoints, order = _sorted_midpoints(get_code(quant_type))
+    midpoints, order = sorted_midpoints(get_code(quant_type))
     return int(order[torch.bucketize(torch.zeros(1), midpoints)])
+
+
+def check_quantize_args(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    """ValueError for a blocksize, quant_type or tensor quantize_4bit cannot take (NaN/Inf are checked later)."""
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not one of {VALID_BLOCKSIZES}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type {quant_type!r} is not one of {QUANT_TYPES}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
 
 
 def quantize_4bit(
@@ -177,45 +168,41 @@ def quantize_4bit(
     blocksize: int = 64,
     quant_type: str = "nf4",
     compress_statistics: bool = True,
-    rounding: str | None = None,
+    rounding: str = "bnb_cpu",
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize a float tensor to packed 4-bit codes; bitsandbytes.functional.quantize_4bit's twin.
 
     Returns (packed uint8 ((n+1)//2, 1), QuantState). With compress_statistics the absmax is double
     quantized (`state.absmax` uint8, `state.offset`, `state.state2.absmax`). `rounding` (not in
-    bitsandbytes): whose kernel to match, "bnb_cpu" or "bnb_cuda"; by default that of x's device, so that
-    the bytes equal what bitsandbytes stores on the same device.
+    bitsandbytes): whose kernel to match, "bnb_cpu" or "bnb_cuda" (minilora.kernels.quantize_4bit picks the
+    one of x's device, so that the bytes equal what bitsandbytes stores on the same device).
     """
-    if blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize {blocksize} is not one of {VALID_BLOCKSIZES}")
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type {quant_type!r} is not one of {QUANT_TYPES}")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
-    _check_float_tensor(x, "quantize_4bit", absmax=torch.zeros(1))  # dtype and size only
-    rounding = rounding or ("bnb_cuda" if x.is_cuda else "bnb_cpu")
-    if rounding == "bnb_cuda" and cuda_rounding.kernels_apply(x):
-        # the same rule in one Triton launch (kernels/quantize.py)
-        from ..kernels.quantize import quantize_4bit_triton
+    check_quantize_args(x, blocksize, quant_type)
+    q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type, rounding)
+    check_float_tensor(x, "quantize_4bit", absmax=absmax)  # NaN/Inf show in their block's absmax
+    packed = pack_4bit(q, pad_index=_pad_index(quant_type, rounding, absmax))
+    return packed, new_state(x, absmax, blocksize, quant_type, compress_statistics, rounding)
 
-        boundaries, rank_to_index = cuda_rounding.boundaries(quant_type)
-        packed, absmax = quantize_4bit_triton(x.detach(), blocksize, boundaries, rank_to_index, quant_type == "fp4")
-        _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # the kernel passes NaN/Inf into the absmax
-    else:
-        q, absmax = quantize_4bit_codes(x.detach(), blocksize, quant_type, rounding)
-        _check_float_tensor(x, "quantize_4bit", absmax=absmax)  # NaN/Inf show in their block's absmax
-        packed = pack_4bit(q, pad_index=_pad_index(quant_type, rounding, absmax))
+
+def new_state(
+    x: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    compress_statistics: bool,
+    rounding: str = "bnb_cpu",
+    quantize_8bit: Quantize8bit | None = None,
+) -> QuantState:
+    """The QuantState of x quantized with these absmax, double quantized (step 6) with compress_statistics."""
     state = QuantState(
         absmax=absmax,
         shape=x.shape,
-        code=get_code_on(quant_type, x.device).clone(),
+        code=get_code(quant_type).to(x.device, copy=True),
         blocksize=blocksize,
         quant_type=quant_type,
         dtype=x.dtype,
     )
-    if compress_statistics:
-        state = double_quantize(state)
-    return packed, state
+    return double_quantize(state, rounding=rounding, quantize_8bit=quantize_8bit) if compress_statistics else state
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
@@ -232,7 +219,7 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     return dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize) + state.offset
 
 
-def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+def check_out(out: torch.Tensor, n: int, dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
     """The output dtype (`dtype`, else out's); ValueError unless `out` can take n such values on `device`."""
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"out: expected a tensor, got {type(out).__name__}")
@@ -256,18 +243,6 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
 
 
-def _triton_dequantize_applies(packed: torch.Tensor, dtype: torch.dtype) -> bool:
-    """CUDA uint8 codes, a float output, Triton importable, the reference not forced, not inside a trace."""
-    return (
-        packed.is_cuda
-        and packed.dtype == torch.uint8
-        and dtype in FLOAT_DTYPES
-        and triton_available()
-        and not reference_forced()
-        and not torch.compiler.is_compiling()
-    )
-
-
 def dequantize_4bit(
     packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -276,58 +251,41 @@ def dequantize_4bit(
     out: a contiguous tensor of as many elements, on the codes' device, to write the result into (as in
     bitsandbytes' `dequantize_4bit(..., out=)`); its dtype is the output dtype unless `dtype` says otherwise,
     which must then agree. The result is `out` viewed with the weight's shape. Reusing one buffer saves mapping
-    a new tensor's pages at every call, over half the time of a large dequantize on CPU (compiled.py).
+    a new tensor's pages at every call, over half the time of a large dequantize on CPU (kernels/workspace.py).
+
+    This is the reference; minilora.kernels.dequantize_4bit gives the same bits faster (a compiled CPU loop,
+    a Triton kernel) where it can.
+    """
+    check_state_fits(packed, state)  # sizes only (no data read, no device sync): a few microseconds
+    if out is not None:
+        dtype = check_out(out, state.numel, dtype, packed.device)
+    dtype = dtype or state.dtype
+    flat = torch.empty(state.numel, dtype=dtype, device=packed.device) if out is None else out.view(-1)
+    dequantize_4bit_from(packed, state, flat, 0)
+    return flat.view(state.shape)
+
+
+def dequantize_4bit_from(packed: torch.Tensor, state: QuantState, flat: torch.Tensor, start: int) -> None:
+    """Write elements start.. (start a whole number of blocks) of the dequantized weight into flat (n,).
 
     Each byte is looked up once in a 256-entry table of value pairs, which unpacks and decodes in one step.
     The work goes in chunks of whole blocks, so the float32 scratch stays small whatever the output dtype.
-
-    Large CPU tensors first go through compiled.py, which computes the same bits in one vectorized loop
-    (a table lookup cannot be vectorized in eager PyTorch); the loop below is the reference, and finishes
-    what the compiled kernel leaves: a partial last block. CUDA tensors go to the Triton kernel
-    (minilora/kernels/dequant.py, the same bits in one launch). `with minilora.kernels.reference_mode():`
-    (or MINILORA_REFERENCE=1) runs the loop below everywhere.
     """
     n, blocksize = state.numel, state.blocksize
-    check_state_fits(packed, state)  # sizes only (no data read, no device sync): a few microseconds
-    if out is not None:
-        dtype = _check_out(out, n, dtype, packed.device)
-    dtype = dtype or state.dtype
-    if _triton_dequantize_applies(packed, dtype):
-        from ..kernels.dequant import dequantize_4bit_triton
-
-        return dequantize_4bit_triton(packed, state, dtype, out=out).view(state.shape)
-    done = 0  # elements already written by the compiled kernel
-    if compiled.use_compiled(packed, n, dtype) and n >= blocksize:
-        whole = n // blocksize
-        into = out.view(-1) if out is not None and whole * blocksize == n else None
-        s2 = state.state2
-        nested = None if s2 is None else (s2.absmax, s2.code, state.offset)  # decoded inside the kernel
-        fast = compiled.dequantize_blocks(
-            packed, state.absmax, state.code, blocksize, whole, dtype, into, nested, s2.blocksize if s2 else 256
-        )
-        if fast is not None:
-            if fast.numel() == n:
-                return fast.view(state.shape)
-            done = fast.numel()
-    absmax = dequantize_absmax(state)
-    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out.view(-1)
-    if done:
-        out[:done] = fast
-    table = _byte_table(state.code.to(packed.device).float())
+    absmax = dequantize_absmax(state)  # (n_blocks,) float32
+    table = _byte_table(state.code.to(packed.device).float())  # (256, 2)
     packed = packed.reshape(-1)
-    step = CHUNK  # a multiple of every blocksize, and even
-    for start in range(done, n, step):  # done is a whole number of blocks
-        stop = min(start + step, n)
-        values = F.embedding(packed[start // 2 : (stop + 1) // 2].int(), table).view(-1)[: stop - start]
-        full = (stop - start) - (stop - start) % blocksize
-        first_block = start // blocksize
-        chunk = out[start:stop]
+    for begin in range(start, n, CHUNK):  # CHUNK: a multiple of every blocksize, and even
+        stop = min(begin + CHUNK, n)
+        values = F.embedding(packed[begin // 2 : (stop + 1) // 2].int(), table).view(-1)[: stop - begin]
+        full = (stop - begin) - (stop - begin) % blocksize
+        first_block = begin // blocksize
+        chunk = flat[begin:stop]
         chunk[:full] = (
             values[:full].view(-1, blocksize) * absmax[first_block : first_block + full // blocksize, None]
         ).view(-1)
-        if full < stop - start:  # the partial last block of the tensor
+        if full < stop - begin:  # the partial last block of the tensor
             chunk[full:] = values[full:] * absmax[-1]
-    return out.view(state.shape)
 
 
 # ---- 8-bit blockwise quantization, used for double quantization ----------------------------------------
@@ -339,16 +297,19 @@ def dequantize_4bit(
 # midpoint. minilora reproduces that table so that double-quantized files are bit-identical; pass
 # rounding="nearest" for true nearest-code rounding.
 _GRID = 65536
-_grid_tables: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _grid_table(code: torch.Tensor) -> torch.Tensor:
-    key = (hash(tuple(code.tolist())), str(code.device))
-    if key not in _grid_tables:
-        midpoints = (code[:-1] + code[1:]) * 0.5  # (255,)
-        grid = -1.0 + (2.0 * torch.arange(_GRID, dtype=torch.float32, device=code.device)) / (_GRID - 1)
-        _grid_tables[key] = torch.searchsorted(midpoints, grid, side="left")  # (65536,)
-    return _grid_tables[key]
+    """(65536,) code index of each grid point: the count of code midpoints below it."""
+    return _grid_table_of(tuple(code.tolist())).to(code.device)
+
+
+@functools.cache
+def _grid_table_of(code: tuple[float, ...]) -> torch.Tensor:
+    values = torch.tensor(code, dtype=torch.float32)
+    midpoints = (values[:-1] + values[1:]) * 0.5  # (255,)
+    grid = -1.0 + (2.0 * torch.arange(_GRID, dtype=torch.float32)) / (_GRID - 1)
+    return torch.searchsorted(midpoints, grid, side="left")  # (65536,)
 
 
 def quantize_blockwise_8bit(
@@ -356,16 +317,12 @@ def quantize_blockwise_8bit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize float32 x blockwise to indices into a sorted 256-value code: (uint8 (n,), absmax (n_blocks,)).
 
-    rounding: "bnb_cpu" (bitsandbytes' CPU grid, above), "bnb_cuda" (its CUDA kernel: cuda_rounding.py)
+    rounding: "bnb_cpu" (bitsandbytes' CPU grid, above), "bnb_cuda" (its CUDA kernel: bnb_cuda_rule.py)
     or "nearest" (the nearest code, ties to the lower one).
     """
     if rounding == "bnb_cuda":
-        if cuda_rounding.kernels_apply(x):
-            from ..kernels.quantize import quantize_8bit_triton  # the same rule in one launch
-
-            return quantize_8bit_triton(x, code, blocksize)
-        absmax, scaled = cuda_rounding.scale_blocks(x.reshape(-1), blocksize)
-        return cuda_rounding.code_index_8bit(scaled, code.float()).to(torch.uint8), absmax
+        absmax, scaled = bnb_cuda_rule.scale_blocks(x.reshape(-1), blocksize)
+        return bnb_cuda_rule.code_index_8bit(scaled, code.float()).to(torch.uint8), absmax
     flat = x.reshape(-1).float()
     n = flat.numel()
     pad = (-n) % blocksize
@@ -392,7 +349,7 @@ def dequantize_blockwise_8bit(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = 256
 ) -> torch.Tensor:
     """code[q] * absmax[block], float32 (flat). Without padding or reshapes, so torch.compile can fuse it into
-    the kernel that uses it (compiled.py decodes double-quantized absmax this way inside its dequantize loop)."""
+    the kernel that uses it (kernels/compiled.py decodes double-quantized absmax this way inside its loop)."""
     q = q.reshape(-1)
     if not torch.compiler.is_compiling() and absmax.numel() != -(-q.numel() // blocksize):
         raise QuantStateError(
@@ -402,12 +359,14 @@ def dequantize_blockwise_8bit(
     return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]
 
 
-def double_quantize(state: QuantState, nested_blocksize: int = 256, rounding: str | None = None) -> QuantState:
+def double_quantize(
+    state: QuantState, nested_blocksize: int = 256, rounding: str = "bnb_cpu", quantize_8bit: Quantize8bit | None = None
+) -> QuantState:
     """Replace the float32 absmax by 8-bit codes of (absmax - mean) (QLoRA section 3, Double Quantization).
 
     Positive absmax values would waste the sign bit of the signed 8-bit code; centring them on their mean
-    uses the whole range. `rounding` (see quantize_blockwise_8bit): by default the rule of bitsandbytes' kernel
-    for the device the absmax is on.
+    uses the whole range. `rounding`: see quantize_blockwise_8bit, which quantizes the centred absmax unless
+    `quantize_8bit(x, code, blocksize)` is given (the door passes its Triton kernel of the same rule on a GPU).
     """
     assert state.state2 is None, "state is already double quantized"
     offset = state.absmax.mean()
@@ -419,11 +378,13 @@ def double_quantize(state: QuantState, nested_blocksize: int = 256, rounding: st
             f"{state.absmax.max().item():.4g}); weights this large cannot be double-quantized: "
             "use compress_statistics=False (--no-double-quant), or rescale the weights"
         )
-    code8 = get_code_on("dynamic", state.absmax.device)
+    code8 = get_code("dynamic").to(state.absmax.device)
     # bitsandbytes rounds the nested codes differently on each device: its CPU kernel through a 65536-point
-    # grid, its CUDA kernel by a binary search. Follow the kernel of the device the tensor is on.
-    rounding = rounding or ("bnb_cuda" if state.absmax.is_cuda else "bnb_cpu")
-    q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize, rounding)
+    # grid, its CUDA kernel by a binary search (rounding="bnb_cuda").
+    if quantize_8bit is None:
+        q, nested_absmax = quantize_blockwise_8bit(state.absmax - offset, code8, nested_blocksize, rounding)
+    else:
+        q, nested_absmax = quantize_8bit(state.absmax - offset, code8, nested_blocksize)
     return QuantState(
         absmax=q,
         shape=state.shape,

@@ -19,6 +19,8 @@ Bit budget: 4 bits a weight for NF4/FP4 (a table of 16 float32 values per tensor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # The NF4 table bitsandbytes and the QLoRA paper (appendix E) publish, as float32. `derive_nf4_code`
@@ -98,30 +100,36 @@ def derive_dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-_CODES: dict[str, torch.Tensor] = {}
-
-
-def get_code_on(name: str, device: torch.device | str) -> torch.Tensor:
-    """`get_code(name)` on `device`, copied there once (cached; callers must not modify it): a quantizer on
-    the GPU then clones it on the device instead of copying from the host at every call."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: name it
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = f"{name}@{device}"
-    if key not in _CODES:
-        _CODES[key] = get_code(name).to(device)
-    return _CODES[key]
-
-
+@functools.cache
 def get_code(name: str) -> torch.Tensor:
-    """The float32 table for "nf4", "fp4" or "dynamic" (cached; callers must not modify it)."""
-    if name not in _CODES:
-        if name == "nf4":
-            _CODES[name] = torch.tensor(NF4_CODE, dtype=torch.float32)
-        elif name == "fp4":
-            _CODES[name] = derive_fp4_code()
-        elif name == "dynamic":
-            _CODES[name] = derive_dynamic_code()
-        else:
-            raise ValueError(f"unknown code {name!r}: expected 'nf4', 'fp4' or 'dynamic'")
-    return _CODES[name]
+    """The float32 table for "nf4", "fp4" or "dynamic", on the CPU (made once; callers must not modify it)."""
+    derive = {"nf4": lambda: torch.tensor(NF4_CODE, dtype=torch.float32), "fp4": derive_fp4_code}
+    derive["dynamic"] = derive_dynamic_code
+    if name not in derive:
+        raise ValueError(f"unknown code {name!r}: expected 'nf4', 'fp4' or 'dynamic'")
+    return derive[name]()
+
+
+# ---- nearest-code rounding (step 4 of the blockwise recipe) ---------------------------------------------
+
+
+def sorted_midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision boundaries of nearest-code rounding: midpoints of the codes in value order.
+
+    Returns (midpoints (15,), order (16,)) where order[k] is the code index of the k-th smallest code.
+    A stable sort keeps equal codes (FP4's two zeros) in index order.
+    """
+    order = torch.sort(code, stable=True).indices
+    ordered = code[order]
+    return (ordered[:-1] + ordered[1:]) * 0.5, order
+
+
+def nearest_code_index(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
+    """The rank of the nearest code = how many decision boundaries lie strictly below the value.
+
+    A value exactly on a boundary is not counted past it, so ties go to the lower code. Returns uint8.
+    """
+    index = (scaled > midpoints[0]).to(torch.uint8)
+    for boundary in midpoints[1:]:
+        index += scaled > boundary
+    return index

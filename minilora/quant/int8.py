@@ -20,26 +20,28 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_rounding
-from .blockwise import _check_float_tensor
+from .blockwise import check_float_tensor
+from .bnb_cuda_rule import Divide, ieee_divide
 
 # 1 / 127^2 as bitsandbytes writes it (6.200124e-05; the exact value is 6.2000124e-05). Using its constant
 # keeps our outputs within float rounding of its outputs, so that activation rounding downstream matches.
 INV_127_SQUARED = 6.200124e-05
 
 
-def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CB int8 [out, in], SCB float32 [out]) with CB = round(W * 127 / SCB) per row."""
+def quantize_int8_rowwise(weight: torch.Tensor, divide: Divide = ieee_divide) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB int8 [out, in], SCB float32 [out]) with CB = round(W * divide(127, SCB)) per row.
+
+    divide: IEEE division, as bitsandbytes' CPU path; its CUDA kernel uses __fdividef, the GPU's approximate
+    division, which minilora.kernels.quantize_int8 passes on a GPU so that the codes are identical there too.
+    """
     if weight.dim() != 2:
         raise ValueError(f"int8 weights must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    _check_float_tensor(weight, "quantize_int8_rowwise", absmax=torch.zeros(1))
+    check_float_tensor(weight, "quantize_int8_rowwise", absmax=torch.zeros(1))
     w16 = weight.detach().to(torch.float16)
     scb = w16.abs().amax(dim=1).float()  # (out,)
-    _check_float_tensor(weight, "quantize_int8_rowwise", absmax=weight.detach().abs().amax(dim=1))
+    check_float_tensor(weight, "quantize_int8_rowwise", absmax=weight.detach().abs().amax(dim=1))
     safe = torch.where(scb == 0, torch.ones_like(scb), scb)
-    # On CUDA, bitsandbytes' kernel scales by __fdividef(127, SCB), the GPU's approximate division: take the
-    # same one there, so that the codes are identical too (cuda_rounding.py).
-    scale = cuda_rounding.divide(127.0, safe) if weight.is_cuda else 127.0 / safe
+    scale = divide(127.0, safe)  # (out,)
     cb = torch.round(w16 * scale.unsqueeze(1)).to(torch.int8)  # (out, in)
     return cb, scb
 

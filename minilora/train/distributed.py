@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilora.quant.linear import Linear4bit
+from minilora.nn import Linear4bit
 from minilora.train.data import IGNORE_INDEX, Batch
 
 T = TypeVar("T")

@@ -4,8 +4,8 @@
 
 - dequantize: bit-identical to minilora.quant.dequantize_4bit for NF4/FP4, with and without double
   quant, every blocksize, odd sizes and partial last blocks, bf16/fp16/fp32 outputs;
-- fused 4-bit matmul (decode and training tiles): within bf16 rounding of the float32 product with the
-  reference weight;
+- the 4-bit matmul (GEMV for a few rows, else dequantize + cuBLAS): within bf16 rounding of the float32
+  product with the reference weight;
 - GEMV decode kernel (M = 1..16): within bf16/fp16 rounding of the float32 product, every blocksize,
   with and without double quant, bf16 and fp16 x, ragged N, strided x;
 - Linear4bit: fast path forward and grad_input match the reference path (`reference_mode`), also under
@@ -17,18 +17,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.kernels import reference_mode, use_fast_path
-from minilora.quant import VALID_BLOCKSIZES, Linear4bit, dequantize_4bit, quantize_4bit
+from minilora.kernels import (
+    dequantize_4bit,
+    implementation,
+    last_implementation,
+    quantize_4bit,
+    reference_mode,
+    use_fast_path,
+)
+from minilora.nn import Linear4bit
+from minilora.quant import VALID_BLOCKSIZES
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _fixed_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Autotuning every test shape would compile dozens of variants: use the default tiles."""
-    from minilora.kernels import matmul
-
-    monkeypatch.setattr(matmul, "AUTOTUNE", False)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,7 @@ def test_dequantize_is_bit_identical(quant_type: str, double_quant: bool, blocks
                 ref = dequantize_4bit(packed, state, dtype)
             assert torch.equal(_bits(out), _bits(ref)), (shape, dtype)
             assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(ref))  # dispatches to the kernel
+            assert last_implementation("dequantize_4bit") == "triton"
             flat = torch.full((w.numel(),), float("nan"), device="cuda", dtype=dtype)  # out= of another shape
             got = dequantize_4bit(packed, state, out=flat)
             assert got.shape == shape and got.data_ptr() == flat.data_ptr() and torch.equal(_bits(got), _bits(ref))
@@ -63,8 +64,8 @@ def test_dequantize_is_bit_identical(quant_type: str, double_quant: bool, blocks
 
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 300])
 @pytest.mark.parametrize("n, k, blocksize", [(512, 1024, 64), (384, 4096, 64), (200, 640, 128), (96, 256, 256)])
-def test_fused_matmul_matches_reference(m: int, n: int, k: int, blocksize: int) -> None:
-    from minilora.kernels.matmul import matmul_4bit, matmul_4bit_fused
+def test_matmul_matches_reference(m: int, n: int, k: int, blocksize: int) -> None:
+    from minilora.kernels.matmul import matmul_4bit
 
     torch.manual_seed(m + n)
     w = torch.randn(n, k, device="cuda") * 0.05
@@ -72,10 +73,8 @@ def test_fused_matmul_matches_reference(m: int, n: int, k: int, blocksize: int) 
     w_ref = dequantize_4bit(packed, state, torch.bfloat16).float()
     x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
     exact = x.float() @ w_ref.T
-    assert _rel(matmul_4bit_fused(x, packed, state), exact) < 8e-3
-    for strategy in ("fused", "dequant"):
-        y = matmul_4bit(x, packed, state, strategy)
-        assert y.shape == (2, m, n) and _rel(y, exact) < 8e-3
+    y = matmul_4bit(x, packed, state)
+    assert y.shape == (2, m, n) and _rel(y, exact) < 8e-3
 
 
 def test_unaligned_width_falls_back_and_stays_correct() -> None:
@@ -93,7 +92,8 @@ def test_linear4bit_fast_path_matches_reference_path(m: int) -> None:
     torch.manual_seed(m)
     layer = Linear4bit.from_weight(torch.randn(768, 512, device="cuda") * 0.05, compute_dtype=torch.bfloat16)
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert use_fast_path(x)
+    expected = "triton-gemv" if m == 1 else "triton"  # M <= 4 rows: the GEMV kernel
+    assert use_fast_path(x) and implementation("linear_4bit", x, layer.weight, layer.quant_state) == expected
     y = layer(x)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)

@@ -1,7 +1,7 @@
 """minilora's quantizers on a CUDA tensor against bitsandbytes' CUDA kernels, byte for byte (skipped without CUDA).
 
-On CUDA, minilora follows bitsandbytes' CUDA rounding (minilora/quant/cuda_rounding.py, "bitsandbytes' CUDA
-rounding"; kernels/fastdiv.py): the packed 4-bit codes, absmax, double-quant codes, nested absmax and offset,
+On CUDA, the door (minilora.kernels) follows bitsandbytes' CUDA rounding (minilora/quant/bnb_cuda_rule.py;
+kernels/quantize.py, kernels/fastdiv.py): the packed 4-bit codes, absmax, double-quant codes, nested absmax and offset,
 and the int8 codes and SCB must equal what bitsandbytes stores for the same tensor on the same device.
 
     pytest -m gpu tests/kernels
@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minilora.quant import VALID_BLOCKSIZES, pack_4bit, quantize_4bit, quantize_4bit_codes, quantize_int8_rowwise
+from minilora.kernels import implementation, quantize_4bit
+from minilora.kernels import quantize_int8 as quantize_int8_rowwise
+from minilora.quant import VALID_BLOCKSIZES, pack_4bit, quantize_4bit_codes
 from minilora.quant.blockwise import _pad_index
 
 pytestmark = pytest.mark.gpu
@@ -98,6 +100,7 @@ def test_triton_quantize_equals_the_pytorch_rule(quant_type: str) -> None:
         for blocksize in VALID_BLOCKSIZES:  # 32 too, which bitsandbytes' CUDA kernel lacks
             for seed, shape in enumerate([(256, 512), (37, 129), (1, 64 * 5 + 3)]):
                 x = weights(shape, dtype, seed)
+                assert implementation("quantize_4bit", x) == "triton"
                 packed, state = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)
                 q, absmax = quantize_4bit_codes(x, blocksize, quant_type, rounding="bnb_cuda")
                 expected = pack_4bit(q, pad_index=_pad_index(quant_type, "bnb_cuda", absmax))
@@ -107,8 +110,9 @@ def test_triton_quantize_equals_the_pytorch_rule(quant_type: str) -> None:
 
 
 def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
-    from minilora.quant import cuda_rounding, get_code
-    from minilora.quant.blockwise import quantize_blockwise_8bit
+    from minilora.kernels.fastdiv import approx_divide
+    from minilora.kernels.quantize import quantize_8bit_triton
+    from minilora.quant import bnb_cuda_rule, get_code
 
     code = get_code("dynamic").cuda()
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -121,9 +125,9 @@ def test_triton_8bit_codes_equal_the_pytorch_rule() -> None:
             code,  # absmax 1: every code maps to itself
         ]
     )
-    q, absmax = quantize_blockwise_8bit(x, code, 256, rounding="bnb_cuda")  # the Triton kernel
-    ref_absmax, scaled = cuda_rounding.scale_blocks(x, 256)
-    ref = cuda_rounding.code_index_8bit(scaled, code.float()).to(torch.uint8)
+    q, absmax = quantize_8bit_triton(x, code, 256)
+    ref_absmax, scaled = bnb_cuda_rule.scale_blocks(x, 256, divide=approx_divide)
+    ref = bnb_cuda_rule.code_index_8bit(scaled, code.float()).to(torch.uint8)
     assert torch.equal(absmax, ref_absmax)
     assert torch.equal(q, ref), differing(q, ref)
 

@@ -129,7 +129,7 @@ def test_init_refusals() -> None:
         ml.LoRAConfig(init="pissa_fast")
     with pytest.raises(ConfigError, match="loftq_bits=8"):
         loftq_init(torch.randn(8, 64), 2, num_bits=8)
-    from minilora.quant import Linear4bit
+    from minilora.nn import Linear4bit
 
     base = Linear4bit.from_weight(torch.randn(16, 64))
     with pytest.raises(AdapterError, match="needs a float base"):
@@ -239,7 +239,7 @@ def test_loftq_qlora_trains_saves_and_peft_loads_it(tiny_llama_dir: Path, tmp_pa
     side here does the same: its base is the dequantized NF4 weights minilora trained on.
     """
     from minilora.lora.layer import quantize_lora_bases
-    from minilora.quant import Linear4bit
+    from minilora.nn import Linear4bit
     from minilora.train.data import Example
     from minilora.train.loop import TrainConfig, evaluate, train
 

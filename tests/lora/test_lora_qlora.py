@@ -25,7 +25,7 @@ FP4_HALF_GAP = (12 - 8) / 12 / 2  # between 8/12 and 12/12
 
 
 def quantized_base(kind: str, seed: int = 0, out_f: int = 96, in_f: int = 128) -> nn.Module:
-    from minilora.quant import Linear4bit, Linear8bit
+    from minilora.nn import Linear4bit, Linear8bit
 
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_f, in_f, generator=gen) * 0.05

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minilora.quant import Linear4bit, Linear8bit, QuantState, quantize_4bit
+from minilora.nn import Linear4bit, Linear8bit
+from minilora.quant import QuantState, quantize_4bit
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -19,7 +19,7 @@ from torch import nn
 
 from minilora.lora import add_lora
 from minilora.models import LlamaForCausalLM, ModelConfig
-from minilora.quant import Linear4bit, replace_linears
+from minilora.nn import Linear4bit, replace_linears
 from minilora.train.cuda_graph import CUDAGraphStep, GraphSafeCheckpoint
 
 

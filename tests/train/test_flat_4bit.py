@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from minilora.quant.linear import Linear4bit
+from minilora.nn import Linear4bit
 from minilora.train.distributed import FlatLinear4bit, flatten_4bit
 
 

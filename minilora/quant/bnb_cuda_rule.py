@@ -1,4 +1,4 @@
-"""bitsandbytes' CUDA rounding: the rule by which its CUDA kernels quantize, which minilora follows on CUDA tensors.
+"""bitsandbytes' CUDA rule: how its CUDA kernels round, for bytes equal to what bitsandbytes stores on a GPU.
 
 bitsandbytes' CUDA quantizer (built with --use_fast_math) stores a few codes that its CPU path (the rule of
 blockwise.py) would not. benchmarks/gpu/rounding_probe.py counted them on random weights, and these are the
@@ -16,24 +16,24 @@ differences:
  4. an all-zero block keeps absmax 0 (the CPU floors a partial last block's at 1e-38); its reciprocal is
     inf and 0 * inf is NaN, which passes no boundary: index 0 (NF4: -1.0 x 0).
 
-These functions are the PyTorch form of that rule (`rounding="bnb_cuda"` in blockwise.py); on an NVIDIA GPU
-kernels/quantize.py runs the same rule as Triton kernels, tested equal to it and to bitsandbytes
-(tests/kernels/test_gpu_bnb_parity.py). tests/quant/test_cuda_rounding.py checks the rule on the CPU.
+These functions are the PyTorch form of that rule (`rounding="bnb_cuda"` in blockwise.py and int8.py), with
+IEEE division unless the caller passes another `divide`: on an NVIDIA GPU the door (minilora.kernels) passes
+the GPU's approximate division (kernels/fastdiv.py) or runs the same rule as Triton kernels (kernels/quantize.py),
+tested equal to it and to bitsandbytes (tests/kernels/test_gpu_bnb_parity.py). tests/quant/test_bnb_cuda_rule.py
+checks the rule on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..kernels.dispatch import reference_forced, triton_available
-from . import blockwise
-from .codebooks import get_code
+from .codebooks import get_code, nearest_code_index
 
 # The boundaries of FP4's positive half, as bitsandbytes' CUDA source writes them (text: read once to float32).
 FP4_BOUNDARIES = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")
@@ -56,34 +56,20 @@ def float32_from_decimal(text: str) -> float:
     return float(min((below, guess, above), key=distance_then_odd))
 
 
-def kernels_apply(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels with inline PTX (kernels/fastdiv.py, kernels/quantize.py) may run on x: an
-    NVIDIA GPU (not ROCm, whose compiler takes no PTX), Triton compiled (not its CPU interpreter), the reference
-    not forced."""
-    return (
-        x.is_cuda
-        and torch.version.hip is None
-        and triton_available()
-        and not reference_forced()
-        and os.environ.get("TRITON_INTERPRET", "0") != "1"
-    )
-
-
-def divide(numerator: float, den: torch.Tensor) -> torch.Tensor:
-    """numerator / den as bitsandbytes' CUDA kernels compute it: the GPU's approximate division where a Triton
-    kernel can run (kernels/fastdiv.py); elsewhere, or with the reference forced, IEEE division (which can move
-    a value on a decision boundary to the next code: a few per million)."""
-    if kernels_apply(den):
-        from ..kernels.fastdiv import approx_divide
-
-        return approx_divide(numerator, den)
+def ieee_divide(numerator: float, den: torch.Tensor) -> torch.Tensor:
+    """numerator / den, correctly rounded (float32). bitsandbytes' GPU division differs in the last bit at times,
+    which moves a value sitting on a decision boundary to the next code: a few per million."""
     return numerator / den.float()
 
 
-def scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+Divide = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+def scale_blocks(flat: torch.Tensor, blocksize: int, divide: Divide = ieee_divide) -> tuple[torch.Tensor, torch.Tensor]:
     """(absmax float32 (n_blocks,), scaled float32 (n,)) as bitsandbytes' CUDA kernel computes them: subnormal
-    inputs flushed, absmax over each block's own values (0 for an all-zero block), x * (1 / absmax) with the
-    fast reciprocal, subnormal products flushed. An all-zero block scales to NaN (0 * inf)."""
+    inputs flushed, absmax over each block's own values (0 for an all-zero block), x * divide(1, absmax) (the
+    GPU's fast reciprocal when the door passes it), subnormal products flushed. An all-zero block scales to NaN
+    (0 * inf)."""
     flat = flat.float()
     flat = torch.where(flat.abs() < FLT_MIN, torch.zeros_like(flat), flat)
     n = flat.numel()
@@ -112,8 +98,8 @@ def code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     bounds, rank_to_index = boundaries(quant_type)
     lookup = torch.tensor(rank_to_index, dtype=torch.uint8, device=scaled.device)
     if quant_type != "fp4":
-        return lookup[blockwise.nearest_code_index(scaled, bounds).long()]
-    magnitude = lookup[blockwise.nearest_code_index(scaled.abs(), bounds).long()]
+        return lookup[nearest_code_index(scaled, bounds).long()]
+    magnitude = lookup[nearest_code_index(scaled.abs(), bounds).long()]
     return magnitude + (scaled < 0).to(torch.uint8) * 8
 
 

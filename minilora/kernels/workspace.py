@@ -1,6 +1,6 @@
 """Reusable buffers for the weight a quantized layer dequantizes for one matmul and drops straight after.
 
-`Linear4bit` rebuilds its float weight in every forward and again in the backward (linear.py). Into a new
+`Linear4bit` rebuilds its float weight in every forward and again in the backward (dispatch.linear_4bit). Into a new
 tensor, that costs more than the dequantize loop itself on CPU: the operating system maps the tensor's pages
 at their first write (page faults), ~9 ms of ~15 ms for a 4096x4096 bfloat16 weight on this project's 2-core
 machine, and a large tensor's memory goes back to the system when it is freed, so the next call pays again.

@@ -1,4 +1,4 @@
-"""`dequantize_4bit(..., out=)` and the reused buffers of the layers' matmuls (minilora/quant/workspace.py).
+"""`dequantize_4bit(..., out=)` and the reused buffers of the layers' matmuls (minilora/kernels/workspace.py).
 
 Writing into a given output must give the same bits as a new tensor, on the compiled CPU path (both of its
 into-kernels: the int32 pairs for 16-bit outputs, the in-order walk for float32) and on the reference, and
@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.kernels.dispatch import reference_mode
-from minilora.quant import Linear4bit, compiled, dequantize_4bit, quantize_4bit, workspace
+from minilora.kernels import compiled, dequantize_4bit, last_implementation, reference_mode, workspace
+from minilora.kernels.dispatch import dequantize_for_matmul
+from minilora.nn import Linear4bit
+from minilora.quant import quantize_4bit
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -51,10 +53,9 @@ def test_out_gives_the_same_bits_as_a_new_tensor(quant_type, dtype):
                 expected = dequantize_4bit(packed, state)
             for mode in ("compiled", "reference"):
                 out = torch.full((x.numel(),), float("nan"), dtype=dtype)  # every element must be written
-                before = compiled.calls
                 if mode == "compiled":
                     got = dequantize_4bit(packed, state, out=out)
-                    assert compiled.calls == before + 1, f"the compiled path did not run, {where}"
+                    assert last_implementation("dequantize_4bit") == "compiled-cpu", f"not compiled, {where}"
                 else:
                     with reference_mode():
                         got = dequantize_4bit(packed, state, out=out)
@@ -115,13 +116,14 @@ def test_layers_sharing_a_buffer_give_the_outputs_and_gradients_of_new_tensors(d
     assert torch.equal(x.grad, x_ref.grad)
 
 
-def test_the_buffer_is_reused_across_calls_and_only_on_scratch_requests():
+def test_the_buffer_is_reused_across_calls_and_only_for_a_matmul():
     m = layer(256, 512, seed=0)
-    first = m.dequantize(scratch=True)
-    second = m.dequantize(scratch=True)
+    first = dequantize_for_matmul(m.weight, m.quant_state, torch.float32)
+    second = dequantize_for_matmul(m.weight, m.quant_state, torch.float32)
     assert first.data_ptr() == second.data_ptr()
     assert m.dequantize().data_ptr() != first.data_ptr()  # a plain dequantize is the caller's own tensor
-    assert m.dequantize(torch.bfloat16, scratch=True).data_ptr() != first.data_ptr()  # one buffer per dtype
+    bf16 = dequantize_for_matmul(m.weight, m.quant_state, torch.bfloat16)
+    assert bf16.data_ptr() != first.data_ptr()  # one buffer per dtype
     assert workspace.held_bytes() == 256 * 512 * (4 + 2)
     workspace.release()
     assert workspace.held_bytes() == 0

@@ -1,4 +1,5 @@
-"""The compiled CPU dequantize (minilora/quant/compiled.py) against the eager reference and bitsandbytes, bit for bit.
+"""The compiled CPU dequantize (minilora/kernels/compiled.py), through the door, against the eager reference and
+bitsandbytes, bit for bit.
 
 The size threshold is lowered (compiled.MIN_NUMEL) so that small tensors take the compiled path; one compile per
 output dtype serves every shape, blocksize and code, so the file pays three compiles.
@@ -9,8 +10,8 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-from minilora.kernels.dispatch import reference_mode
-from minilora.quant import QuantState, compiled, dequantize_4bit, get_code, quantize_4bit
+from minilora.kernels import compiled, dequantize_4bit, last_implementation, reference_mode
+from minilora.quant import QuantState, get_code, quantize_4bit
 from minilora.quant.blockwise import dequantize_absmax
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -32,12 +33,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def compiled_and_reference(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, torch.Tensor]:
     """(compiled path, eager reference), asserting that each path is the one that ran."""
-    before = compiled.calls
     fast = dequantize_4bit(packed, state)
-    assert compiled.calls == before + 1, "the compiled path did not run"
+    assert last_implementation("dequantize_4bit") == "compiled-cpu", "the compiled path did not run"
     with reference_mode():
         ref = dequantize_4bit(packed, state)
-    assert compiled.calls == before + 1, "the compiled path ran under reference_mode"
+    assert last_implementation("dequantize_4bit") == "reference", "the compiled path ran under reference_mode"
     return fast, ref
 
 
@@ -109,22 +109,24 @@ def test_rounding_ties_and_special_absmax(dtype):
 def test_reference_forced_switched_off_or_small_stays_eager(monkeypatch):
     x = torch.randn(64, 64)
     packed, state = quantize_4bit(x, 64, "nf4")
-    before = compiled.calls
+
+    def ran(dtype: torch.dtype | None = None) -> str | None:
+        dequantize_4bit(packed, state, dtype)
+        return last_implementation("dequantize_4bit")
+
     with reference_mode():
-        dequantize_4bit(packed, state)
+        assert ran() == "reference"
     monkeypatch.setenv("MINILORA_REFERENCE", "1")
-    dequantize_4bit(packed, state)
+    assert ran() == "reference"
     monkeypatch.setenv("MINILORA_REFERENCE", "0")
     monkeypatch.setenv("MINILORA_CPU_COMPILE", "0")
-    dequantize_4bit(packed, state)
+    assert ran() == "reference"
     monkeypatch.setenv("MINILORA_CPU_COMPILE", "1")
     monkeypatch.setattr(compiled, "MIN_NUMEL", x.numel() + 1)
-    dequantize_4bit(packed, state)
-    dequantize_4bit(packed, state, torch.float64)  # a dtype the kernel does not write
-    assert compiled.calls == before
+    assert ran() == "reference"
+    assert ran(torch.float64) == "reference"  # a dtype the kernel does not write
     monkeypatch.setattr(compiled, "MIN_NUMEL", x.numel())
-    dequantize_4bit(packed, state)
-    assert compiled.calls == before + 1
+    assert ran() == "compiled-cpu"
 
 
 def test_kernel_run_eagerly_gives_the_same_bits():
@@ -148,16 +150,15 @@ def test_a_compile_failure_falls_back_to_the_reference_once(monkeypatch, caplog)
     torch._dynamo.reset()
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
-    before = compiled.calls
     # No cached kernel may stand in. The config's own patch() restores both settings afterwards (a monkeypatch
     # of force_disable_caches, an alias on this module, left it unreadable for later compiles).
     broken_compiler = inductor_config.patch({"force_disable_caches": True, "cpp.cxx": ("/nonexistent/c++",)})
     with broken_compiler, caplog.at_level("WARNING", logger=compiled.__name__):
         got = dequantize_4bit(packed, state)
         again = dequantize_4bit(packed, state)
+    assert last_implementation("dequantize_4bit") == "reference" and not compiled.available()
     with reference_mode():
         ref = dequantize_4bit(packed, state)
     assert same_bits(got, ref) and same_bits(again, ref)
-    assert compiled.calls == before and not compiled.is_enabled()
     assert sum("compiled CPU dequantize disabled" in r.message for r in caplog.records) == 1
     torch._dynamo.reset()

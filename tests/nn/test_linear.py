@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from minilora.quant import Linear4bit, Linear8bit, quantized_nbytes, replace_linears
+from minilora.nn import Linear4bit, Linear8bit, quantized_nbytes, replace_linears
 
 
 def make_linear(in_features=96, out_features=40, seed=0):

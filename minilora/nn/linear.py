@@ -9,8 +9,10 @@ model").
     x ──> [ dequantize(W_q) ] ──> x @ W.T + b
     dL/dx = dL/dy @ dequantize(W_q)        (W_q gets no gradient)
 
-On CPU the rebuilt weight goes into a buffer reused from call to call (workspace.py): a new tensor's page
-faults would cost more than the dequantize itself.
+Both are `QuantizedLinear`s: the one interface lora/, io/ and train/ read, whatever the format
+(`quant_format` "nf4", "fp4" or "int8", `dequantize(dtype)`, `requantize(weight, bias)`, the footprint).
+Which implementation quantizes, dequantizes and multiplies is the door's choice (minilora.kernels):
+on CPU the rebuilt weight goes into a buffer reused from call to call, on CUDA into Triton kernels.
 
 `state_dict()` of these modules uses bitsandbytes' key names (`weight.absmax`, `weight.quant_map`,
 ..., `SCB`, `weight_format`), so a quantized model's state dict is a transformers + bitsandbytes
@@ -19,34 +21,17 @@ checkpoint as it stands.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minilora.errors import QuantStateError
 
-from ..kernels.dispatch import use_fast_path
-from . import workspace
-from .blockwise import dequantize_4bit, quantize_4bit
-from .int8 import dequantize_int8_rowwise, int8_linear, quantize_int8_rowwise
-from .state import NestedState, QuantState
-
-
-class _FrozenWeightMatmul(torch.autograd.Function):
-    """y = x @ W.T with W rebuilt by `dequantize()` in forward and again in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dequantize: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        ctx.dequantize = dequantize
-        return F.linear(x, dequantize())
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_out @ ctx.dequantize().to(grad_out.dtype), None
+from ..kernels import dequantize_4bit, linear_4bit, quantize_4bit, quantize_int8
+from ..quant.int8 import dequantize_int8_rowwise, int8_linear
+from ..quant.state import NestedState, QuantState
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -61,22 +46,86 @@ class _Int8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out @ ctx.module.dequantize(grad_out.dtype), None
+        return grad_out @ ctx.module.dense_weight(grad_out.dtype), None
 
 
-def _strip(prefix: str, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    return {name: tensors[prefix + name] for name in names if prefix + name in tensors}
+class QuantizedLinear(nn.Module, abc.ABC):
+    """A frozen Linear [out, in] whose weight is stored quantized: what every format offers its readers.
 
+    in_features, out_features, bias, compute_dtype   as on nn.Linear (compute_dtype: of the matmul, else x's)
+    quant_format                                     "nf4", "fp4" or "int8"
+    dequantize(dtype)                                the weight [out, in] as float
+    requantize(weight, bias)                         a new module of this format and settings holding `weight`
+    weight_nbytes_transformers, nbytes_true          the footprint, as transformers counts it and in full
+    cached_weight                                    a dequantized weight every matmul uses while set
+                                                     (train/weight_cache.py), None otherwise
+    state_dict()                                     in bitsandbytes' key names (`bnb_state_dict(prefix)`)
+    """
 
-class _BnbStateDict(nn.Module):
-    """state_dict() in bitsandbytes' key names: whatever the subclass's `bnb_state_dict(prefix)` returns."""
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype | None
+    bias: nn.Parameter | None
+    cached_weight: torch.Tensor | None = None
+
+    @property
+    @abc.abstractmethod
+    def quant_format(self) -> str:
+        """The format: "nf4", "fp4" or "int8"."""
+
+    @abc.abstractmethod
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] as float, in `dtype` (default: the format's)."""
+
+    @abc.abstractmethod
+    def requantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
+        """A new module of this format and settings holding `weight` (merging an adapter into the base)."""
+
+    @abc.abstractmethod
+    def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors under bitsandbytes' key names for module `prefix`."""
+
+    @abc.abstractmethod
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (no bias), x already in the compute dtype."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> QuantizedLinear:
+        """`cls.from_weight(linear.weight, linear.bias, **kwargs)`: the swap for an nn.Linear."""
+        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[attr-defined]
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight in dtype for one product: the cached one while set, else dequantized now."""
+        cached = self.cached_weight
+        return self.dequantize(dtype) if cached is None else cached.to(dtype)
+
+    @property
+    def weight_nbytes_transformers(self) -> int:
+        """Bytes transformers' get_memory_footprint counts for this weight: the stored codes only."""
+        return self.weight.numel()  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        y = self.matmul(x.to(dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        for key, value in self.bnb_state_dict(prefix).items():  # type: ignore[attr-defined]
+        for key, value in self.bnb_state_dict(prefix).items():
             destination[key] = value if keep_vars else value.detach()
 
 
-class Linear4bit(_BnbStateDict):
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of nn.Linear (the parameter itself) or of a QuantizedLinear (dequantized)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize()
+    raise ValueError(f"expected nn.Linear or a QuantizedLinear, got {type(module).__name__}")
+
+
+class Linear4bit(QuantizedLinear):
     """A Linear whose weight is NF4/FP4 blockwise-quantized (optionally double-quantized)."""
 
     def __init__(
@@ -124,10 +173,6 @@ class Linear4bit(_BnbStateDict):
         return cls(packed, state, bias, compute_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> Linear4bit:
-        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[arg-type]
-
-    @classmethod
     def from_bnb_state_dict(
         cls, tensors: dict[str, torch.Tensor], prefix: str, *, compute_dtype: torch.dtype | None = None
     ) -> Linear4bit:
@@ -164,18 +209,26 @@ class Linear4bit(_BnbStateDict):
             state2=state2,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None, *, scratch: bool = False) -> torch.Tensor:
-        """The weight [out, in] as float, in `dtype` (default: the dtype it was quantized from).
+    @property
+    def quant_format(self) -> str:
+        return self.quant_type
 
-        scratch=True: the result may live in a buffer this thread reuses (workspace.py), valid until the next
-        scratch dequantize of a weight of the same size and dtype; for a value used at once, as by the matmul.
-        """
-        dtype = dtype or self.weight_dtype
-        numel = self.out_features * self.in_features
-        if scratch and workspace.applies(self.weight.device, numel * dtype.itemsize):
-            out = workspace.scratch(numel, dtype, self.weight.device)
-            return dequantize_4bit(self.weight, self.quant_state, dtype, out=out)
-        return dequantize_4bit(self.weight, self.quant_state, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] as float, in `dtype` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
+
+    def requantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear4bit:
+        return Linear4bit.from_weight(
+            weight,
+            bias,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            compress_statistics=hasattr(self, "nested_absmax"),  # double quant keeps nested absmax buffers
+            compute_dtype=self.compute_dtype,
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_4bit(x, self.weight, self.quant_state, weight=self.cached_weight)
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {prefix + "weight": self.weight}
@@ -184,16 +237,8 @@ class Linear4bit(_BnbStateDict):
             out[prefix + "bias"] = self.bias.data
         return out
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing: list,
-        unexpected: list,
-        errors: list,
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        errors: list = args[4]  # type: ignore[assignment]  # nn.Module's order: metadata, strict, missing, unexpected, errors
         mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
         try:
             loaded = Linear4bit.from_bnb_state_dict(mine, prefix, compute_dtype=self.compute_dtype)
@@ -215,33 +260,10 @@ class Linear4bit(_BnbStateDict):
         if loaded.bias is not None:
             self.bias = loaded.bias
 
-    # ---- footprint -------------------------------------------------------------------------------
-
-    @property
-    def weight_nbytes_transformers(self) -> int:
-        """Bytes transformers' get_memory_footprint counts for this weight: the packed codes only."""
-        return self.weight.numel()
-
     @property
     def nbytes_true(self) -> int:
         """Packed codes + absmax + nested absmax + code tables + offset."""
         return self.weight.numel() + self.quant_state.nbytes()
-
-    # ---- forward ---------------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
-        if use_fast_path(x):  # CUDA + Triton, reference not forced (minilora/kernels/dispatch.py)
-            from ..kernels.matmul import linear_4bit
-
-            y = linear_4bit(x.to(dtype), self.weight, self.quant_state)
-        elif torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenWeightMatmul.apply(x.to(dtype), lambda: self.dequantize(dtype, scratch=True))
-        else:  # no gradient to carry (inference, or a frozen input): the plain product, without autograd's cost
-            y = F.linear(x.to(dtype), self.dequantize(dtype, scratch=True))
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         nested = ", double_quant" if hasattr(self, "nested_absmax") else ""
@@ -251,7 +273,7 @@ class Linear4bit(_BnbStateDict):
         )
 
 
-class Linear8bit(_BnbStateDict):
+class Linear8bit(QuantizedLinear):
     """A Linear whose weight is int8 with one float32 scale per output row (LLM.int8)."""
 
     def __init__(
@@ -277,19 +299,11 @@ class Linear8bit(_BnbStateDict):
 
     @classmethod
     def from_weight(
-        cls,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        threshold: float = 6.0,
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, threshold: float = 6.0,
         compute_dtype: torch.dtype | None = None,
-    ) -> Linear8bit:
-        cb, scb = quantize_int8_rowwise(weight)
+    ) -> Linear8bit:  # fmt: skip
+        cb, scb = quantize_int8(weight)
         return cls(cb, scb, bias, threshold, compute_dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> Linear8bit:
-        return cls.from_weight(linear.weight.data, linear.bias, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_bnb_state_dict(
@@ -312,8 +326,16 @@ class Linear8bit(_BnbStateDict):
             )
         return cls(cb, scb, tensors.get(prefix + "bias"), threshold, compute_dtype)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8_rowwise(self.weight, self.SCB, dtype)
+    quant_format = "int8"
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int8_rowwise(self.weight, self.SCB, dtype or torch.float32)
+
+    def requantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear8bit:
+        return Linear8bit.from_weight(weight, bias, threshold=self.threshold, compute_dtype=self.compute_dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8Matmul.apply(x, self)  # LLM.int8's product: a cached float weight serves its backward only
 
     def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {
@@ -325,34 +347,15 @@ class Linear8bit(_BnbStateDict):
             out[prefix + "bias"] = self.bias.data
         return out
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing: list,
-        unexpected: list,
-        errors: list,
-    ) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        unexpected: list = args[3]  # type: ignore[assignment]  # nn.Module's order, as in Linear4bit
         if prefix + "weight_format" in unexpected:
             unexpected.remove(prefix + "weight_format")
 
     @property
-    def weight_nbytes_transformers(self) -> int:
-        return self.weight.numel()
-
-    @property
     def nbytes_true(self) -> int:
         return self.weight.numel() + self.SCB.numel() * 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
-        y = _Int8Matmul.apply(x.to(dtype), self)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -391,7 +394,7 @@ def quantized_nbytes(model: nn.Module) -> tuple[int, int]:
     quant state and SCB; the true count includes them.
     """
     counted, true = 0, 0
-    quantized = [m for m in model.modules() if isinstance(m, (Linear4bit, Linear8bit))]
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     skip = {id(t) for m in quantized for t in m.buffers(recurse=False)}
     for m in quantized:
         counted += m.weight_nbytes_transformers

@@ -1,4 +1,4 @@
-"""bitsandbytes' CUDA rounding rules (minilora/quant/cuda_rounding.py), checked on the CPU where they are exact.
+"""bitsandbytes' CUDA rounding rules (minilora/quant/bnb_cuda_rule.py), checked on the CPU where they are exact.
 
 On the CPU the rule runs with IEEE division; the scales below are powers of two, whose reciprocals every
 division gets exactly right, so each expectation is the CUDA kernel's. Byte equality with bitsandbytes' CUDA
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from minilora import kernels
 from minilora.quant import get_code, quantize_4bit, quantize_4bit_codes
-from minilora.quant.blockwise import _pad_index, _sorted_midpoints, quantize_blockwise_8bit
-from minilora.quant.cuda_rounding import boundaries, code_index_8bit, float32_from_decimal
+from minilora.quant.blockwise import _pad_index, quantize_blockwise_8bit
+from minilora.quant.bnb_cuda_rule import boundaries, code_index_8bit, float32_from_decimal
+from minilora.quant.codebooks import sorted_midpoints
 
 
 def test_decimal_literals_are_read_as_float32_in_one_rounding():
@@ -28,7 +30,7 @@ def test_decimal_literals_are_read_as_float32_in_one_rounding():
 
 def test_nf4_cuda_boundaries_are_the_code_midpoints_up_to_one_float32_step():
     cuda, order = boundaries("nf4")
-    cpu = _sorted_midpoints(get_code("nf4"))[0].tolist()
+    cpu = sorted_midpoints(get_code("nf4"))[0].tolist()
     assert order == list(range(16)) and len(cuda) == 15 and cuda == sorted(cuda)
     steps = [abs(a - b) / float(np.spacing(np.float32(b))) for a, b in zip(cuda, cpu, strict=True)]
     assert max(steps) <= 1 and sum(s > 0 for s in steps) >= 1  # at least one boundary moved by a step
@@ -86,10 +88,10 @@ def test_8bit_cuda_rule_breaks_ties_by_its_binary_search():
     assert q.unique().tolist() == [0] and absmax.tolist() == [0.0, 0.0]
 
 
-def test_rounding_defaults_to_the_device_and_rejects_unknown_names():
+def test_the_door_picks_the_rule_of_the_device_and_unknown_names_are_refused():
     x = block([-1e-4, 1e-4])  # FP4: the two rules store different zeros for these (see above)
-    packed, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True)
-    packed_cpu, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True, rounding="bnb_cpu")
+    packed, _ = kernels.quantize_4bit(x, 64, "fp4", compress_statistics=True)
+    packed_cpu, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True)  # the reference's default
     packed_cuda, _ = quantize_4bit(x, 64, "fp4", compress_statistics=True, rounding="bnb_cuda")
     assert torch.equal(packed, packed_cpu) and not torch.equal(packed, packed_cuda)  # a CPU tensor: the CPU rule
     with pytest.raises(ValueError, match="rounding"):
