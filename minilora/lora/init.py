@@ -16,9 +16,17 @@
 adapter, so the base weight becomes the residual W_res and the model computes W x exactly on step 0.
 LoftQ replaces the base by its own quantized-then-dequantized approximation: quantize that base with NF4
 (blocksize 64, no double quant) and the codes come back unchanged: `lora.layer.quantize_lora_bases` does that after
-`add_lora(float_model, init="loftq")`, which gives the QLoRA model LoftQ was designed for. Like peft,
-LoftQ sets A = R, B = L with no division by s: the approximation is dequant(Q) + B A, which the forward
-computes when s = 1 (alpha = r).
+`add_lora(float_model, init="loftq")`, which gives the QLoRA model LoftQ was designed for.
+
+LoftQ and the scaling s. peft 0.21 sets A = R, B = L (L R = SVD_r(W - Q)) with no division by s (peft issue
+1982, open), so its model starts at dequant(Q) + s L R: LoftQ's intended start only when s = 1 (alpha = r).
+With s = 2 (minilora's demo: r 32, alpha 64) it is no better than plain NF4 at all: E - L R is orthogonal to
+L R (Eckart-Young), so ||E - 2 L R||_F^2 = ||E - L R||^2 + ||L R||^2 = ||E||^2, E = W - Q, after one round
+exactly plain NF4's error (on SmolLM2 the start's held-out loss is even a little worse than B = 0's). minilora
+keeps peft's values by default (its adapters load in peft either way) and offers the fix as
+`loftq_config={"loftq_bits": 4, "loftq_iter": N, "divide_by_scaling": True}`: A = R / sqrt(s),
+B = L / sqrt(s), so s B A = L R and the forward starts at dequant(Q) + L R for any alpha (Q unchanged: it
+depends on L R only). peft ignores the extra key and loads the saved A, B as they are.
 
 All maths in float32; the residual is cast back to the base weight's dtype, as peft does.
 """
@@ -34,6 +42,7 @@ from minilora.kernels import dequantize_4bit, quantize_4bit
 
 SIMPLE_INITS = ("default", "gaussian")
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+LOFTQ_CONFIG_KEYS = ("loftq_bits", "loftq_iter", "divide_by_scaling")  # peft's two + minilora's fix
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -91,9 +100,15 @@ def nf4_roundtrip(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 @torch.no_grad()
 def loftq_init(
-    weight: torch.Tensor, r: int, num_bits: int = 4, num_iter: int = 1
+    weight: torch.Tensor, r: int, num_bits: int = 4, num_iter: int = 1, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r], dequant(Q) [out, in]) after `num_iter` rounds of LoftQ (NF4, blocksize 64)."""
+    """(A [r, in], B [out, r], dequant(Q) [out, in]) after `num_iter` rounds of LoftQ (NF4, blocksize 64).
+
+    scaling: the s the forward will multiply B A by; A and B are divided by sqrt(s) so that s B A is the
+    rank-r fit L R (1.0, the default: peft's A = R, B = L, see the module docstring).
+    """
+    if not scaling > 0:
+        raise ConfigError(f"LoftQ scaling must be > 0, got {scaling!r} (lora_alpha must be positive)")
     if num_bits != 4:
         raise ConfigError(f"loftq_config loftq_bits={num_bits!r}: minilora's LoftQ supports NF4 (4 bits) only")
     if num_iter < 1:
@@ -105,7 +120,8 @@ def loftq_init(
         A, B = low_rank_fit(w - dequantized, r)
         if step + 1 < num_iter:
             target = w - B @ A
-    return A, B, dequantized
+    root = scaling**0.5
+    return A / root, B / root, dequantized
 
 
 def initial_weights(
@@ -119,5 +135,12 @@ def initial_weights(
         return olora_init(weight, r, scaling)
     if init == "loftq":
         cfg = loftq_config or {}
-        return loftq_init(weight, r, int(cfg.get("loftq_bits", 4)), int(cfg.get("loftq_iter", 1)))
+        unknown = sorted(set(cfg) - set(LOFTQ_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"loftq_config keys {unknown} are not known; use {list(LOFTQ_CONFIG_KEYS)}")
+        divide = cfg.get("divide_by_scaling", False)
+        if not isinstance(divide, bool):
+            raise ConfigError(f"loftq_config divide_by_scaling={divide!r} must be true or false")
+        bits, iters = int(cfg.get("loftq_bits", 4)), int(cfg.get("loftq_iter", 1))
+        return loftq_init(weight, r, bits, iters, scaling if divide else 1.0)
     raise ConfigError(f"init={init!r} does not change the base weight")

@@ -134,6 +134,13 @@ def test_init_refusals() -> None:
     base = Linear4bit.from_weight(torch.randn(16, 64))
     with pytest.raises(AdapterError, match="needs a float base"):
         ml.LoRALinear(base, r=2, alpha=2, init="pissa")
+    weight = torch.nn.Linear(64, 16)
+    with pytest.raises(ConfigError, match=r"loftq_config keys \['divide'\]"):
+        ml.LoRALinear(weight, r=2, alpha=4, init="loftq", loftq_config={"loftq_bits": 4, "divide": True})
+    with pytest.raises(ConfigError, match="divide_by_scaling='yes'"):
+        ml.LoRALinear(weight, r=2, alpha=4, init="loftq", loftq_config={"divide_by_scaling": "yes"})
+    with pytest.raises(ConfigError, match="scaling must be > 0"):
+        loftq_init(torch.randn(8, 64), 2, scaling=0.0)
 
 
 # ---- LoftQ ---------------------------------------------------------------------------------------------
@@ -190,6 +197,60 @@ def test_loftq_equals_peft_and_beats_plain_nf4_on_smollm2(name: str, num_iter: i
     peft_factor = torch.linalg.norm(weight - (ref_base + ref_B @ ref_A)) / plain
     assert ours < 0.95, f"LoftQ error is {ours:.3f} of plain NF4's"
     assert abs(ours - peft_factor) < 1e-4, (ours, peft_factor)
+
+
+def test_loftq_with_alpha_2r_peft_start_is_plain_nf4_divided_start_is_loftq() -> None:
+    """With s = alpha / r = 2, peft's LoftQ (A = R, B = L) starts at dequant(Q) + 2 L R, whose error after one
+    round is exactly plain NF4's (E - L R is orthogonal to L R); divide_by_scaling starts at dequant(Q) + L R.
+
+    W: SmolLM2-135M's layer-0 q_proj; L, R, Q: the peft loop (peft_loftq_on_cpu, bitsandbytes' NF4).
+    """
+    pytest.importorskip("bitsandbytes")
+    weight, r, s = smollm2_layer(), 16, 2.0
+    ref_A, ref_B, ref_base = peft_loftq_on_cpu(weight, r, 1)
+    plain = torch.linalg.norm(weight - nf4_roundtrip(weight))
+    peft_start = torch.linalg.norm(weight - (ref_base + s * ref_B @ ref_A))
+    assert abs(peft_start / plain - 1) < 1e-4, float(peft_start / plain)  # no gain at all over B = 0
+
+    A, B, base = loftq_init(weight, r, num_iter=1, scaling=s)
+    torch.testing.assert_close(base, ref_base, atol=1e-5, rtol=0)  # Q does not depend on s
+    torch.testing.assert_close(s * B @ A, ref_B @ ref_A, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A, ref_A / s**0.5, atol=1e-5, rtol=1e-4)
+    ours = torch.linalg.norm(weight - (base + s * B @ A)) / plain
+    assert ours < 0.95, f"the divided start's error is {ours:.3f} of plain NF4's"
+
+
+def test_loftq_divide_by_scaling_model_starts_at_the_fit_and_peft_loads_it(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """add_lora(alpha = 2 r, divide_by_scaling): every layer computes dequant(Q) + L R; the key is saved and read
+    back; peft (base saved, init_lora_weights=True, as its LoftQ example) gives the same logits."""
+    from minilora.lora.config import LoRAConfig
+
+    model = hf_model(tiny_llama_dir)
+    loftq = {"loftq_bits": 4, "loftq_iter": 2, "divide_by_scaling": True}
+    ml.add_lora(model, config=LoRAConfig(r=4, alpha=8, target_modules=TARGETS, init="loftq", loftq_config=loftq))
+    orig = hf_model(tiny_llama_dir)
+    bases = {}
+    for name, layer in ml.lora_layers(model):
+        A, B, base = loftq_init(orig.get_submodule(name).weight, 4, num_iter=2)  # peft's values
+        bases[name] = layer.base_layer.weight.detach().clone()
+        torch.testing.assert_close(bases[name], base, atol=0, rtol=0)
+        torch.testing.assert_close(layer.lora_delta("default"), B @ A, atol=1e-6, rtol=1e-5)  # s B A = L R
+    ml.save_adapter(model, tmp_path)
+    assert ml.read_adapter_config(tmp_path).loftq_config == loftq
+    with torch.no_grad():
+        expected = logits(model.eval(), input_ids())
+        assert_logits_close(logits(ml.load_adapter(hf_model(tiny_llama_dir), tmp_path).eval(), input_ids()), expected)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    base_model = hf_model(tiny_llama_dir)
+    for name, weight in bases.items():
+        base_model.get_submodule(name).weight.data.copy_(weight)
+    theirs = peft.PeftModel.from_pretrained(base_model, tmp_path).eval()
+    with torch.no_grad():
+        assert_logits_close(logits(theirs, input_ids()), expected)
 
 
 def test_loftq_base_requantizes_to_itself_and_model_round_trip(tiny_llama_dir: Path, tmp_path: Path) -> None:
