@@ -224,34 +224,22 @@ def quantize_read(
     int8_threshold: float = 6.0,
 ) -> nn.Module:
     """The quantized Linear of module ``name``'s weight just read from ``ckpt``; an error names file and key."""
+    from minilora.nn import Linear4bit, Linear8bit
+
     try:
-        return _quantize_linear(weight, bias, quantize, double_quant, blocksize, compute_dtype, int8_threshold)
+        if quantize == "int8":
+            return Linear8bit.from_weight(weight, bias, threshold=int8_threshold, compute_dtype=compute_dtype)
+        return Linear4bit.from_weight(
+            weight,
+            bias,
+            blocksize=blocksize,
+            quant_type=quantize,
+            compress_statistics=double_quant,
+            compute_dtype=compute_dtype,
+        )
     except ValueError as e:  # the quantizer's message names the problem; the file and key go first
         key = f"{name}.weight"
         raise CheckpointError(f"{ckpt.file_of(key)}: key {key!r}: cannot quantize to {quantize}: {e}") from e
-
-
-def _quantize_linear(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    quantize: str,
-    double_quant: bool,
-    blocksize: int,
-    compute_dtype: torch.dtype | None,
-    int8_threshold: float,
-) -> nn.Module:
-    from minilora.nn import Linear4bit, Linear8bit
-
-    if quantize == "int8":
-        return Linear8bit.from_weight(weight, bias, threshold=int8_threshold, compute_dtype=compute_dtype)
-    return Linear4bit.from_weight(
-        weight,
-        bias,
-        blocksize=blocksize,
-        quant_type=quantize,
-        compress_statistics=double_quant,
-        compute_dtype=compute_dtype,
-    )
 
 
 def _load_prequantized(

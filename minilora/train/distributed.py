@@ -452,7 +452,8 @@ def load_sharded(
     (the same units and shards; FSDP.wrap finds the root unit made and gives it the loss).
 
     prepare: called once on the meta model before sharding, to add the adapter (default or gaussian LoRA
-        init; inits that read the base weight, DoRA, modules_to_save and trainable tokens are refused).
+        init; PiSSA / OLoRA / LoftQ and DoRA, which read the base weight, modules_to_save and trainable tokens,
+        which copy it, are refused with a ValueError).
     on_tensor: called with (model, key, full tensor) for every full tensor read, while it is alive (tests
         measure a rank's peak with it).
     """
@@ -478,31 +479,42 @@ def load_sharded(
     with CheckpointReader(directory) as ckpt:
         plan = _plan(model, ckpt, directory)
         templates: dict[tuple, Linear4bit] = {}
-        full_data: dict[int, torch.Tensor] = {}  # id(FlatLinear4bit) -> its meta quant_data, put back after prepare
+        placeholders: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, name, meta tensor) for prepare
         for name, (kind, names) in plan.items():
             module = model.get_submodule(name)
             for p in names:  # the dtype each tensor will have, still on meta
                 t = getattr(module, p)
                 want = dtype if dtype is not None else ckpt.dtype(f"{name}.{p}")
                 setattr(module, p, nn.Parameter(torch.empty_like(t, dtype=want), requires_grad=want.is_floating_point))
-            if kind != "quantize" or quantize is None:
+            if kind != "quantize":
                 continue
-            weight = module.weight
-            key = (tuple(weight.shape), weight.dtype)
-            if key not in templates:  # the layout depends on the shape alone
-                zero = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
-                templates[key] = quantize_read(ckpt, name, zero, None, quantize, double_quant, blocksize, compute_dtype)
-            flat = _meta_flat(templates[key], storage, module.bias)
-            full_data[id(flat)] = flat.quant_data
-            flat.quant_data = nn.Parameter(torch.empty(0, dtype=storage, device=device), requires_grad=False)
-            model.set_submodule(name, flat)
+            if quantize is not None:
+                weight = module.weight
+                key = (tuple(weight.shape), weight.dtype)
+                if key not in templates:  # the layout depends on the shape alone
+                    zero = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+                    args = (zero, None, quantize, double_quant, blocksize, compute_dtype)
+                    templates[key] = quantize_read(ckpt, name, *args)
+                module = _meta_flat(templates[key], storage, module.bias)
+                model.set_submodule(name, module)
+            attr = "quant_data" if quantize is not None else "weight"
+            meta = getattr(module, attr)
+            placeholders.append((module, attr, meta))
+            # while prepare runs the base holds a real empty tensor: LoRALinear puts its adapter on that device
+            setattr(module, attr, nn.Parameter(meta.new_empty(0, device=device), requires_grad=meta.requires_grad))
         del templates
         model.tie_weights()
         if prepare is not None:
-            prepare(model)
+            try:
+                prepare(model)
+            except Exception as e:  # e.g. an init that reads the base weight, absent here
+                raise ValueError(
+                    f"FSDP.load: prepare() failed on the model before its weights are loaded ({type(e).__name__}: "
+                    f"{e}); it may only add adapters that do not read the base weights"
+                ) from e
             _check_adapter(model)
-        for flat in _flats(model):
-            flat.quant_data = nn.Parameter(full_data[id(flat)], requires_grad=False)
+        for module, attr, meta in placeholders:
+            setattr(module, attr, nn.Parameter(meta, requires_grad=getattr(module, attr).requires_grad))
         strategy.shard_model(model, device)
         _materialize(model, device)
 
@@ -528,10 +540,6 @@ def load_sharded(
     return model.eval()
 
 
-def _flats(model: nn.Module) -> list[Any]:
-    return [m for m in model.modules() if isinstance(m, FlatLinear4bit)]
-
-
 def _meta_flat(template: Linear4bit, storage: torch.dtype, bias: nn.Parameter | None) -> Any:
     """A FlatLinear4bit of ``template``'s layout with its bytes (and bias) on the meta device."""
     flat = FlatLinear4bit(template, storage)
@@ -547,20 +555,18 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def _check_adapter(model: nn.Module) -> None:
-    """The adapter of ``prepare`` must not need the (absent) base weights."""
+    """The adapter of ``prepare`` must not copy the (absent) base weights (an init or DoRA that reads them
+    already failed in prepare, on the empty stand-in tensors)."""
     for name, config in getattr(model, "lora_configs", {}).items():
         problems = [
-            f"init={config.init!r}" if config.init not in ("default", "gaussian") else "",
-            "use_dora=True" if config.use_dora else "",
             f"modules_to_save={config.modules_to_save!r}" if config.modules_to_save else "",
             f"trainable_token_indices={config.trainable_token_indices!r}" if config.trainable_token_indices else "",
         ]
         problems = [p for p in problems if p]
         if problems:
             raise ValueError(
-                f"FSDP.load: adapter {name!r} has {', '.join(problems)}, which reads or copies base weights that "
-                "are not loaded yet; use init='default' or 'gaussian' without DoRA / full modules, or load "
-                "with from_pretrained and let FSDP.wrap shard the model"
+                f"FSDP.load: adapter {name!r} has {', '.join(problems)}, which copies base weights that are not "
+                "loaded yet; add LoRA layers only, or load with from_pretrained and let FSDP.wrap shard the model"
             )
     left = [n for n, p in model.named_parameters() if p.requires_grad and p.is_meta]
     if left:
