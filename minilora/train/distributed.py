@@ -31,6 +31,9 @@ weight, and the forward reads the bytes back. ::
     Linear4bit buffers:  weight u8 (n/2,1) | absmax u8 | quant_map f32 | nested_absmax f32 | ... | offset
     FlatLinear4bit:      quant_data = those bytes, each piece 16-byte aligned, viewed as quant_storage (1-D)
                          rank 0 holds quant_data[: k], rank 1 quant_data[k :], ...  (Shard(0))
+
+A base too large for one rank loads through ``FSDP.load`` (:func:`load_sharded`) instead of from_pretrained:
+built on meta, sharded, then each rank fills its own shards from the safetensors one tensor at a time.
 """
 
 from __future__ import annotations
