@@ -64,6 +64,8 @@ def test_sharded_load_refuses_what_it_cannot_fill(one_rank: None, tiny_dir: Path
             FSDP().load(tiny_dir, quantize, prepare=lambda m, lora=lora: _prepare(m, **lora))  # they read the base
     with pytest.raises(ValueError, match=r"adapter 'default' has modules_to_save=\['lm_head'\], which copies"):
         FSDP().load(tiny_dir, "nf4", prepare=lambda m: _prepare(m, modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"left trainable tensors on the meta device: \['lm_head\.lora_A"):
+        FSDP().load(tiny_dir, "nf4", prepare=lambda m: add_lora(m, r=2, target_modules=["lm_head"]))  # not streamed
     save_quantized(from_pretrained(tiny_dir, quantize="nf4"), tmp_path / "q")
     with pytest.raises(ValueError, match=r"config.json: FSDP.load reads float checkpoints"):
         FSDP().load(tmp_path / "q", None)
