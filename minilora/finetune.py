@@ -48,6 +48,7 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
     from minilora.lora import LoRAConfig, add_lora, trainable_parameters_report
     from minilora.lora.peft_io import write_model_card
     from minilora.train.data import pack_examples
+    from minilora.train.distributed import FSDP
     from minilora.train.loop import TrainConfig, seed_everything, train
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -96,16 +97,23 @@ def run_finetune(args: argparse.Namespace, echo: Callable[[str], None], model_di
                 echo(line)
         compute_dtype = torch.bfloat16 if args.bf16 == "yes" else None
         quantize = None if args.quantize == "none" else args.quantize
-        model = from_pretrained(model_dir, quantize=quantize, compute_dtype=compute_dtype, device=device)
 
         # 3. LoRA
         base = base_reference(args.model, model_dir)
         targets = "all-linear" if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t]
-        seed_everything(args.seed)
         lora = LoRAConfig(
             r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=targets, base_model_name_or_path=base
         )
-        add_lora(model, config=lora)
+
+        def prepare(model: Any) -> None:
+            seed_everything(args.seed)
+            add_lora(model, config=lora)
+
+        if isinstance(distributed, FSDP):  # FSDP2: each rank reads only its shards (FSDP.load)
+            model = distributed.load(model_dir, quantize, compute_dtype=compute_dtype, device=device, prepare=prepare)
+        else:
+            model = from_pretrained(model_dir, quantize=quantize, compute_dtype=compute_dtype, device=device)
+            prepare(model)
         echo(trainable_parameters_report(model))
 
         # 4. train

@@ -97,13 +97,7 @@ def from_pretrained(
             params = {p: _read(ckpt, f"{name}.{p}", dtype, device) for p in names}
             if kind == "quantize" and quantize is not None:
                 args = (params["weight"], params.get("bias"), quantize, double_quant, blocksize, compute_dtype)
-                try:
-                    new = _quantize_linear(*args, int8_threshold)
-                except ValueError as e:  # the quantizer's message names the problem; the file and key go first
-                    key = f"{name}.weight"
-                    where = f"{ckpt.file_of(key)}: key {key!r}"
-                    raise CheckpointError(f"{where}: cannot quantize to {quantize}: {e}") from e
-                model.set_submodule(name, new)
+                model.set_submodule(name, quantize_read(ckpt, name, *args, int8_threshold))
             else:
                 for p, tensor in params.items():
                     setattr(module, p, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
@@ -218,27 +212,34 @@ def _read(ckpt: CheckpointReader, key: str, dtype: torch.dtype | None, device: t
     return tensor
 
 
-def _quantize_linear(
+def quantize_read(
+    ckpt: CheckpointReader,
+    name: str,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     quantize: str,
     double_quant: bool,
     blocksize: int,
     compute_dtype: torch.dtype | None,
-    int8_threshold: float,
+    int8_threshold: float = 6.0,
 ) -> nn.Module:
+    """The quantized Linear of module ``name``'s weight just read from ``ckpt``; an error names file and key."""
     from minilora.nn import Linear4bit, Linear8bit
 
-    if quantize == "int8":
-        return Linear8bit.from_weight(weight, bias, threshold=int8_threshold, compute_dtype=compute_dtype)
-    return Linear4bit.from_weight(
-        weight,
-        bias,
-        blocksize=blocksize,
-        quant_type=quantize,
-        compress_statistics=double_quant,
-        compute_dtype=compute_dtype,
-    )
+    try:
+        if quantize == "int8":
+            return Linear8bit.from_weight(weight, bias, threshold=int8_threshold, compute_dtype=compute_dtype)
+        return Linear4bit.from_weight(
+            weight,
+            bias,
+            blocksize=blocksize,
+            quant_type=quantize,
+            compress_statistics=double_quant,
+            compute_dtype=compute_dtype,
+        )
+    except ValueError as e:  # the quantizer's message names the problem; the file and key go first
+        key = f"{name}.weight"
+        raise CheckpointError(f"{ckpt.file_of(key)}: key {key!r}: cannot quantize to {quantize}: {e}") from e
 
 
 def _load_prequantized(

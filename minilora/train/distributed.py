@@ -31,6 +31,9 @@ weight, and the forward reads the bytes back. ::
     Linear4bit buffers:  weight u8 (n/2,1) | absmax u8 | quant_map f32 | nested_absmax f32 | ... | offset
     FlatLinear4bit:      quant_data = those bytes, each piece 16-byte aligned, viewed as quant_storage (1-D)
                          rank 0 holds quant_data[: k], rank 1 quant_data[k :], ...  (Shard(0))
+
+A base too large for one rank loads through ``FSDP.load`` (:func:`load_sharded`) instead of from_pretrained:
+built on meta, sharded, then each rank fills its own shards from the safetensors one tensor at a time.
 """
 
 from __future__ import annotations
@@ -96,12 +99,14 @@ class Single:
 class _LossModule(nn.Module):
     """The model with the loss as its forward, so DDP's and FSDP's forward hooks see every call."""
 
-    def __init__(self, model: nn.Module, loss: LossFn) -> None:
+    def __init__(self, model: nn.Module, loss: LossFn | None) -> None:
         super().__init__()
         self.model = model
-        self.loss = loss
+        self.loss = loss  # None until FSDP.wrap (a model sharded by FSDP.load)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        if self.loss is None:
+            raise RuntimeError("the model sharded by FSDP.load runs through train(..., distributed=that FSDP)")
         return self.loss(self.model, batch)
 
 
@@ -278,24 +283,31 @@ class FSDP(_Ranks):
         super().__init__(group)
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward = reshard_after_forward
-        self.root: nn.Module | None = None
+        self.root: _LossModule | None = None
+        self.meshes: dict[str, Any] = {}
 
     def check(self, cuda_graph: bool, cache_base_weights: bool) -> None:
         super().check(cuda_graph, cache_base_weights)
         if cache_base_weights:
             raise ValueError("FSDP: cache_base_weights would dequantize the whole base on every rank; leave it off")
 
-    def wrap(self, model: nn.Module, loss: LossFn) -> Callable[[Batch], tuple[torch.Tensor, int]]:
-        from torch.distributed.device_mesh import init_device_mesh
+    def _mesh(self, device: torch.device) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+        if device.type not in self.meshes:  # one mesh per device type, shared by every unit
+            if self.group is None:
+                self.meshes[device.type] = init_device_mesh(device.type, (self.world_size,))
+            else:
+                self.meshes[device.type] = DeviceMesh.from_group(self.group, device.type)
+        return self.meshes[device.type]
+
+    def shard_model(self, model: nn.Module, device: torch.device, loss: LossFn | None = None) -> nn.Module:
+        """Flatten the 4-bit layers, ``fully_shard`` each decoder layer, then the root (the model with the
+        loss as its forward: embeddings, final norm, head); returns the root. The parameters may still be on
+        the meta device (FSDP.load, which passes no loss yet: wrap sets it)."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        device = next(model.parameters()).device
-        if self.group is None:
-            mesh = init_device_mesh(device.type, (self.world_size,))
-        else:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            mesh = DeviceMesh.from_group(self.group, device.type)
+        mesh = self._mesh(device)
         flatten_4bit(model, self.param_dtype or torch.float32)
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         layers = getattr(getattr(model, "model", None), "layers", None)
@@ -309,6 +321,17 @@ class FSDP(_Ranks):
                 unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
         self.root = root
         return root
+
+    def load(self, path_or_id: Any, quantize: str | None = "nf4", **kwargs: Any) -> nn.Module:
+        """A checkpoint too large for one rank, loaded straight into this rank's shards: see
+        :func:`load_sharded` for the steps and ``kwargs`` (prepare=, dtype=, device=, on_tensor=, ...)."""
+        return load_sharded(self, path_or_id, quantize, **kwargs)
+
+    def wrap(self, model: nn.Module, loss: LossFn) -> Callable[[Batch], tuple[torch.Tensor, int]]:
+        if self.root is not None and self.root.model is model:  # sharded by FSDP.load: only the loss is new
+            self.root.loss = loss
+            return self.root
+        return self.shard_model(model, next(model.parameters()).device, loss)
 
     def no_sync(self, accumulating: bool) -> Any:
         assert self.root is not None, "FSDP.no_sync before wrap()"
@@ -389,6 +412,190 @@ def _full_trainable(model: nn.Module, write_back: bool = False) -> Iterator[None
                 with torch.no_grad():
                     p.to_local().copy_(_like(module._parameters[name].detach(), p).to_local())
             module._parameters[name] = p
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 loading
+SHARDED_QUANTIZE = (None, "nf4", "fp4")
+TensorHook = Callable[[nn.Module, str, torch.Tensor], None]
+
+
+def load_sharded(
+    strategy: FSDP,
+    path_or_id: str | os.PathLike,
+    quantize: str | None = "nf4",
+    *,
+    prepare: Callable[[nn.Module], Any] | None = None,
+    double_quant: bool = True,
+    blocksize: int = 64,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    on_tensor: TensorHook | None = None,
+) -> nn.Module:
+    """The model of ``path_or_id`` (see from_pretrained's arguments), sharded by ``strategy`` as it loads.
+
+    ``FSDP.load`` calls it; instead of from_pretrained + the sharding ``FSDP.wrap`` does, for a base that
+    does not fit on one rank:
+
+    1. the decoder is built on the meta device and every key and shape of the checkpoint is checked from the
+       file headers (``minilora.loading``'s plan: a bad file is refused before any weight is read);
+    2. each decoder projection becomes a :class:`FlatLinear4bit` of the right layout, still on meta (the
+       layout is that of a zero weight of the same shape, quantized once per distinct shape);
+    3. ``prepare(model)`` (e.g. ``lambda m: add_lora(m, ...)``) adds the adapter: its tensors are real and
+       drawn from the same random numbers as on a loaded model (the bases look like CPU modules while it runs);
+    4. ``fully_shard`` as ``FSDP.wrap`` applies it (one unit per decoder layer, then the rest), the meta
+       parameters get empty local shards (FSDP's lazy init takes them), and then
+    5. the safetensors are read one tensor at a time: a projection's float weight is quantized, flattened
+       as FlatLinear4bit does and this rank keeps its slice; any other tensor gives its slice
+       (``distribute_tensor(full, mesh, placements, src_data_rank=None)``: every rank reads the file, no
+       communication). A rank never holds more than its shards plus one full tensor (and its 4-bit bytes).
+
+    The result trains through ``train(..., distributed=strategy)`` exactly as the load-then-shard path does
+    (the same units and shards; FSDP.wrap finds the root unit made and gives it the loss).
+
+    prepare: called once on the meta model before sharding, to add the adapter (default or gaussian LoRA
+        init; PiSSA / OLoRA / LoftQ and DoRA, which read the base weight, modules_to_save and trainable tokens,
+        which copy it, are refused with a ValueError).
+    on_tensor: called with (model, key, full tensor) for every full tensor read, while it is alive (tests
+        measure a rank's peak with it).
+    """
+    from minilora.io.checkpoint import SOURCE_ATTR, CheckpointReader
+    from minilora.io.hub import resolve_model_dir
+    from minilora.loading import _plan, _read, _stored_quantization, quantize_read
+    from minilora.models.config import ModelConfig
+    from minilora.models.llama import LlamaForCausalLM
+
+    if quantize not in SHARDED_QUANTIZE:
+        raise ValueError(f"FSDP.load: quantize={quantize!r}; the sharded loader takes one of {SHARDED_QUANTIZE}")
+    device = torch.device(device)
+    directory = resolve_model_dir(path_or_id, revision=revision)
+    config = ModelConfig.from_json(directory / "config.json")
+    if _stored_quantization(config, directory) is not None:
+        raise ValueError(
+            f"{directory / 'config.json'}: FSDP.load reads float checkpoints; this one is already quantized "
+            "(load it with from_pretrained and let FSDP.wrap shard it)"
+        )
+    storage = strategy.param_dtype or torch.float32
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    with CheckpointReader(directory) as ckpt:
+        plan = _plan(model, ckpt, directory)
+        templates: dict[tuple, Linear4bit] = {}
+        placeholders: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, name, meta tensor) for prepare
+        for name, (kind, names) in plan.items():
+            module = model.get_submodule(name)
+            for p in names:  # the dtype each tensor will have, still on meta
+                t = getattr(module, p)
+                want = dtype if dtype is not None else ckpt.dtype(f"{name}.{p}")
+                setattr(module, p, nn.Parameter(torch.empty_like(t, dtype=want), requires_grad=want.is_floating_point))
+            if kind != "quantize":
+                continue
+            if quantize is not None:
+                weight = module.weight
+                key = (tuple(weight.shape), weight.dtype)
+                if key not in templates:  # the layout depends on the shape alone
+                    zero = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+                    args = (zero, None, quantize, double_quant, blocksize, compute_dtype)
+                    templates[key] = quantize_read(ckpt, name, *args)
+                module = _meta_flat(templates[key], storage, module.bias)
+                model.set_submodule(name, module)
+            attr = "quant_data" if quantize is not None else "weight"
+            meta = getattr(module, attr)
+            placeholders.append((module, attr, meta))
+            # while prepare runs the base holds a real empty tensor: LoRALinear puts its adapter on that device
+            setattr(module, attr, nn.Parameter(meta.new_empty(0, device=device), requires_grad=meta.requires_grad))
+        del templates
+        model.tie_weights()
+        if prepare is not None:
+            try:
+                prepare(model)
+            except Exception as e:  # e.g. an init that reads the base weight, absent here
+                raise ValueError(
+                    f"FSDP.load: prepare() failed on the model before its weights are loaded ({type(e).__name__}: "
+                    f"{e}); it may only add adapters that do not read the base weights"
+                ) from e
+            _check_adapter(model)
+        for module, attr, meta in placeholders:
+            setattr(module, attr, nn.Parameter(meta, requires_grad=getattr(module, attr).requires_grad))
+        strategy.shard_model(model, device)
+        _materialize(model, device)
+
+        for name, (_, names) in plan.items():
+            module = _base_of(model.get_submodule(name))
+            for p in names:
+                key = f"{name}.{p}"
+                tensor = _read(ckpt, key, dtype, device)
+                if on_tensor is not None:
+                    on_tensor(model, key, tensor)
+                if p == "weight" and isinstance(module, FlatLinear4bit):
+                    linear = quantize_read(ckpt, name, tensor, None, quantize, double_quant, blocksize, compute_dtype)
+                    flat = FlatLinear4bit(linear, storage)
+                    del tensor, linear
+                    if flat.layout != module.layout:  # pragma: no cover (a bug, not bad input)
+                        raise AssertionError(f"{key}: the quantized layout differs from the planned one")
+                    tensor, p = flat.quant_data, "quant_data"
+                    del flat
+                _fill(getattr(module, p), tensor, key)
+                del tensor
+    model.reset_rope(device)
+    setattr(model, SOURCE_ATTR, directory)
+    return model.eval()
+
+
+def _meta_flat(template: Linear4bit, storage: torch.dtype, bias: nn.Parameter | None) -> Any:
+    """A FlatLinear4bit of ``template``'s layout with its bytes (and bias) on the meta device."""
+    flat = FlatLinear4bit(template, storage)
+    flat.quant_data = nn.Parameter(torch.empty_like(flat.quant_data, device="meta"), requires_grad=False)
+    flat.bias = bias
+    return flat
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    from minilora.lora.layer import LoRALinear
+
+    return module.base_layer if isinstance(module, LoRALinear) else module
+
+
+def _check_adapter(model: nn.Module) -> None:
+    """The adapter of ``prepare`` must not copy the (absent) base weights (an init or DoRA that reads them
+    already failed in prepare, on the empty stand-in tensors)."""
+    for name, config in getattr(model, "lora_configs", {}).items():
+        problems = [
+            f"modules_to_save={config.modules_to_save!r}" if config.modules_to_save else "",
+            f"trainable_token_indices={config.trainable_token_indices!r}" if config.trainable_token_indices else "",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(
+                f"FSDP.load: adapter {name!r} has {', '.join(problems)}, which copies base weights that are not "
+                "loaded yet; add LoRA layers only, or load with from_pretrained and let FSDP.wrap shard the model"
+            )
+    left = [n for n, p in model.named_parameters() if p.requires_grad and p.is_meta]
+    if left:
+        raise ValueError(f"FSDP.load: prepare() left trainable tensors on the meta device: {left[:3]}")
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Empty local storage for every meta parameter (tied ones stay tied); FSDP's lazy init takes them."""
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+
+
+@torch.no_grad()
+def _fill(param: torch.Tensor, full: torch.Tensor, key: str) -> None:
+    """This rank's part of ``full`` into ``param`` (a sharded DTensor, or a plain tensor)."""
+    if tuple(full.shape) != tuple(param.shape):  # pragma: no cover (the plan checked every shape)
+        raise AssertionError(f"{key}: shape {list(full.shape)} for a parameter of shape {list(param.shape)}")
+    if isinstance(param, _dtensor()):
+        param.to_local().copy_(_like(full, param).to_local())
+    else:
+        param.copy_(full)
 
 
 # ---------------------------------------------------------------------------------------------- torchrun

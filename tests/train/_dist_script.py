@@ -1,10 +1,13 @@
 """Train a QLoRA adapter on the tiny model alone or as one rank of torchrun (used by test_distributed.py).
 
 usage: _dist_script.py MODEL_DIR OUT STEPS --strategy single|ddp|fsdp [--resume] [--die-after K]
-       [--checkpointing] [--bf16-params] [--report FILE] [--cuda]
+       [--checkpointing] [--bf16-params] [--report FILE] [--cuda] [--sharded-load]
 
 --die-after K: every rank exits (code 3) at the start of step K + 1, after checkpoint K was written.
---report FILE: each rank appends {rank, local and full bytes of its flat 4-bit parameters} as a JSON line.
+--report FILE: each rank appends {rank, local and full bytes of its flat 4-bit parameters} as a JSON line,
+    with the bytes of all its parameters + buffers just after loading (local, full) and, with --sharded-load,
+    the peak held during the load (its tensors + the one full tensor just read) and the largest tensor read.
+--sharded-load: FSDP.load instead of from_pretrained (each rank fills its own shards from the file).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--bf16-params", action="store_true")
     ap.add_argument("--report")
     ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--sharded-load", action="store_true", help="FSDP.load: each rank reads only its shards")
     args = ap.parse_args()
 
     fsdp_kw = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16_params else {}
@@ -63,9 +67,26 @@ def main() -> None:
     train_data = tokenize_records([p.record() for p in train_p], tok, max_length=200)
     eval_data = tokenize_records([p.record() for p in eval_p], tok, max_length=200)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.cuda else "cpu"
-    model = from_pretrained(args.model, quantize="nf4", device=device)
-    loop.seed_everything(0)
-    add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+
+    def prepare(model):
+        loop.seed_everything(0)
+        add_lora(model, r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+
+    peak = [0, 0, 0]  # most bytes held (parameters + buffers + the tensor just read), largest read, reads
+    if args.sharded_load:
+
+        def on_tensor(model, key, tensor):
+            held = sum(_local_bytes(t) for t in {id(t): t for t in _tensors(model)}.values())
+            peak[0] = max(peak[0], held + tensor.numel() * tensor.element_size())
+            peak[1] = max(peak[1], tensor.numel() * tensor.element_size())
+            peak[2] += 1
+
+        model = strategy.load(args.model, "nf4", device=device, prepare=prepare, on_tensor=on_tensor)
+    else:
+        model = from_pretrained(args.model, quantize="nf4", device=device)
+        prepare(model)
+    loaded = {id(t): t for t in _tensors(model)}.values()
+    local_bytes, full_bytes = sum(map(_local_bytes, loaded)), sum(t.numel() * t.element_size() for t in loaded)
     config = loop.TrainConfig(
         output_dir=args.out,
         max_steps=args.steps,
@@ -79,7 +100,19 @@ def main() -> None:
         local = sum(p.to_local().numel() * p.element_size() for p in flat)
         full = sum(p.numel() * p.element_size() for p in flat)
         with open(args.report, "a") as f:
-            f.write(json.dumps({"rank": strategy.rank, "local": local, "full": full, "n": len(flat)}) + "\n")
+            record = {"rank": strategy.rank, "local": local, "full": full, "n": len(flat), "peak": peak[0]}
+            record |= {"largest_read": peak[1], "reads": peak[2]}
+            record |= {"loaded_local": local_bytes, "loaded_full": full_bytes}
+            f.write(json.dumps(record) + "\n")
+
+
+def _tensors(model):
+    return [*model.parameters(), *model.buffers()]
+
+
+def _local_bytes(t):
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return 0 if local.is_meta else local.numel() * local.element_size()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from minilora.train.checkpoint import latest_checkpoint
@@ -97,6 +98,31 @@ def test_fsdp2_kill_and_resume_on_two_ranks_is_exact(tiny_dir: Path, fsdp: Path,
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
         fsdp / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
+
+
+def test_fsdp2_sharded_load_equals_load_then_shard(tiny_dir: Path, fsdp: Path, tmp_path: Path) -> None:
+    """FSDP.load (each rank fills its own shards from the file) trains exactly as from_pretrained + wrap,
+    and a rank never held much more than its half of the model plus the one full tensor being read."""
+    out = tmp_path / "run"
+    _run(tiny_dir, out, "fsdp", 2, "--checkpointing", "--sharded-load", "--report", str(tmp_path / "report.jsonl"))
+    assert _losses(out) == _losses(fsdp)  # bit for bit: same shards, same adapter init
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        fsdp / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    reports = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    with safe_open(tiny_dir / "model.safetensors", "pt") as f:
+        keys = len(list(f.keys()))
+    whole = [json.loads(line) for line in (fsdp.parent / "report.jsonl").read_text().splitlines()]
+    for r in whole:  # the load-then-shard path: every rank held the whole model after from_pretrained
+        assert r["loaded_local"] == r["loaded_full"]
+    for r in reports:
+        full = r["loaded_full"]  # the whole model's parameters + buffers (4-bit bytes, embeddings, adapter, ...)
+        assert r["loaded_local"] < 0.6 * full, r  # this rank's shards just after the load
+        assert 0 < r["largest_read"] < 0.5 * full, r  # one checkpoint tensor at a time, never the whole model
+        assert r["reads"] == keys, r  # each tensor of the file read once
+        assert r["peak"] <= r["loaded_local"] + r["largest_read"], r  # shards + the tensor being read
+        assert r["local"] * 2 == r["full"]  # the flat 4-bit parameters halved, as after wrap
 
 
 def test_ddp_checkpoint_of_two_ranks_resumes_on_one(tiny_dir: Path, single: Path, tmp_path: Path) -> None:
