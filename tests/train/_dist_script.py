@@ -27,7 +27,8 @@ from minilora.lora import add_lora  # noqa: E402
 from minilora.testing.tiny import byte_tokenizer  # noqa: E402
 from minilora.train import loop  # noqa: E402
 from minilora.train.data import tokenize_records  # noqa: E402
-from minilora.train.distributed import FlatLinear4bit, Single, init_from_env  # noqa: E402
+from minilora.train.distributed import Single, init_from_env  # noqa: E402
+from minilora.train.flat_4bit import FlatLinear4bit  # noqa: E402
 from minilora_demo.price import split_products  # noqa: E402
 
 ACCUM = TINY_RUN["grad_accum"]

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from minilora.loading import from_pretrained, save_quantized
 from minilora.lora import add_lora
-from minilora.train.distributed import FSDP, FlatLinear4bit
+from minilora.train.distributed import FSDP
+from minilora.train.flat_4bit import FlatLinear4bit
 from minilora.train.loop import seed_everything
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

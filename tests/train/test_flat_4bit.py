@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minilora.nn import Linear4bit
-from minilora.train.distributed import FlatLinear4bit, flatten_4bit
+from minilora.train.flat_4bit import FlatLinear4bit, flatten_4bit
 
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
