@@ -15,7 +15,8 @@ ALIGN = 16  # bytes: every piece of a flat 4-bit weight starts aligned for any d
 
 
 class FlatLinear4bit(Linear4bit):
-    """A Linear4bit whose packed codes and quant state are one flat parameter ``quant_data`` (the layout is drawn in minilora.train.distributed).
+    """A Linear4bit whose packed codes and quant state are one flat parameter ``quant_data``
+    (the layout is drawn in minilora.train.distributed's docstring).
 
     ``weight``, ``absmax``, ... are read back from the bytes on each access, so Linear4bit's forward,
     dequantize and quant_state run unchanged on the all-gathered parameter.
