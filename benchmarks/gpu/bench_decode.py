@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.bench_kernels import from_bnb_state, rel_err
-from benchmarks.harness import bench_us, environment, md_table, write_results
+from benchmarks.harness import bench_us, environment, hardware_tag, md_table, write_results
 from minilora.kernels import gemv as kgemv
 from minilora.kernels import matmul as kmatmul
 from minilora.kernels import quantize_4bit
@@ -149,7 +149,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     md = render(record)
-    write_results(args.out, "decode-h200", record, md)
+    write_results(args.out, f"decode-{hardware_tag()}", record, md)
     print(md)
 
 

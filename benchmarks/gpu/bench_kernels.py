@@ -9,7 +9,7 @@ bit for bit; matmuls must be within bf16 rounding of the float32 product of the 
 
     python3 -m benchmarks.gpu.bench_kernels --out benchmarks/results [--quick]
 
-Writes <out>/kernels-h200.md and .json. Times are medians of CUDA-event timings with L2 flushed
+Writes <out>/kernels-<card>.md and .json. Times are medians of CUDA-event timings with L2 flushed
 before each call (triton.testing.do_bench).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import bench_us, cpu_launch_us, environment, graph_us, md_table, write_results
+from benchmarks.harness import bench_us, cpu_launch_us, environment, graph_us, hardware_tag, md_table, write_results
 from minilora.kernels import dequant as kdequant
 from minilora.kernels import matmul as kmatmul
 from minilora.kernels import quantize_4bit, reference_mode
@@ -187,7 +187,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     md = render(record)
-    write_results(args.out, "kernels-h200", record, md)
+    write_results(args.out, f"kernels-{hardware_tag()}", record, md)
     print(md)
 
 

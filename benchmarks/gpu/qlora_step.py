@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import environment, md_table, write_results
+from benchmarks.harness import environment, hardware_tag, md_table, write_results
 
 LLAMA8B = dict(
     vocab_size=128256,
@@ -290,7 +290,8 @@ def main() -> None:
         res["stack"] = stack
         res["mfu_pct"] = 100 * res["tokens_per_s"] * FLOP_PER_TOKEN * args.layers / 32 / (mm_tflops * 1e12)
         record["runs"].append(res)
-        write_results(args.out, "qlora-h200", record, render(record))  # keep what was measured if a later part fails
+        # written after every run: a later part failing keeps what was measured
+        write_results(args.out, f"qlora-{hardware_tag()}", record, render(record))
         print(
             f"{stack} {res['batch']}x{res['seq']}: {res['tokens_per_s']:.0f} tok/s, peak {res['peak_GB']:.2f} GB, "
             f"MFU {res['mfu_pct']:.1f}%",
@@ -375,7 +376,7 @@ def main() -> None:
         graph_runs(model, "minilora+graph", args, add, record)
     model = None
     free()
-    write_results(args.out, "qlora-h200", record, render(record))
+    write_results(args.out, f"qlora-{hardware_tag()}", record, render(record))
     print(render(record))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu.qlora_step import LLAMA8B, build_minilora
-from benchmarks.harness import environment, md_table, write_results
+from benchmarks.harness import environment, hardware_tag, md_table, write_results
 
 
 def examples(n: int, seed: int = 0) -> list:
@@ -104,7 +104,7 @@ def main() -> None:
             md_table(["loop", "tokens/s", "vs eager", "wall s (incl. captures)", "peak GB", "last loss"], rows),
         ]
     )
-    write_results(args.out, "train-graph-h200", record, text)
+    write_results(args.out, f"train-graph-{hardware_tag()}", record, text)
     print(text)
 
 

@@ -141,7 +141,7 @@ def main() -> None:
     table = md_table(["tokens", "gradient checkpointing", "estimate GB", "measured peak GB", "error", "verdict"], rows)
     md = (
         f"# Training-step memory, Llama-3.1-8B shapes ({args.layers} layers), NF4+DQ, LoRA r=32 q,k,v,o, bf16\n\n"
-        f"- command: `python3 -m benchmarks.gpu.train_memory --out {args.out}`\n"
+        f"- command: `python3 -m benchmarks.gpu.train_memory {' '.join(sys.argv[1:])}`\n"
         f"- device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n"
         f"- {args.steps} eager steps per case (causal_lm_loss, AdamW); measured = torch.cuda.max_memory_allocated "
         "over them; estimate = minilora.memory_train (meta-device trace)\n\n" + table + "\n"
