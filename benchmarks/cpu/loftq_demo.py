@@ -64,11 +64,11 @@ def layer_factors(r: int, iters: tuple[int, ...]) -> list[list[Any]]:
     return rows
 
 
-CASES = (  # (label, init, loftq_config extra)
-    ("gaussian", "gaussian", {}),
-    ("loftq (peft)", "loftq", {}),
-    ("loftq (divide_by_scaling)", "loftq", {"divide_by_scaling": True}),
-)
+CASES = {  # --cases name: (label, init, loftq_config extra)
+    "gaussian": ("gaussian", "gaussian", {}),
+    "peft": ("loftq (peft)", "loftq", {}),
+    "divide": ("loftq (divide_by_scaling)", "loftq", {"divide_by_scaling": True}),
+}
 
 
 def demo_setup(smoke: bool, out: Path) -> dict[str, Any]:
@@ -172,6 +172,7 @@ def run(
     device: str = "cpu",
     seeds: tuple[int, ...] = (0, 1, 2),
     command: str | None = None,
+    cases: tuple[str, ...] = tuple(CASES),
 ) -> tuple[Path, Path]:
     from minilora.train.loop import evaluate
 
@@ -192,7 +193,7 @@ def run(
         demo = setup["demo"]
         float_tc = train_config(demo, steps, 0, Path(tmp) / "float")
         float_loss = evaluate(setup["float_model"], setup["eval"], 64, setup["pad"], float_tc)
-        runs = [finetune(setup, case, seed, steps, Path(tmp)) for seed in seeds for case in CASES]
+        runs = [finetune(setup, CASES[c], seed, steps, Path(tmp)) for seed in seeds for c in cases]
     report.data["float_eval_loss"] = float_loss
     report.data["seeds"] = list(seeds)
     report.data["finetune"] = runs
@@ -209,7 +210,7 @@ def run(
         "test products, dollars.",
     )
     summary = []
-    by_init = {label: [r_ for r_ in runs if r_["init"] == label] for label, _, _ in CASES}
+    by_init = {CASES[c][0]: [r_ for r_ in runs if r_["init"] == CASES[c][0]] for c in cases}
     for label, rs in by_init.items():
         summary.append(
             [
@@ -225,9 +226,9 @@ def run(
         ["init", "eval loss before", "eval loss after", "test MAE after"],
         summary,
     )
-    gauss = [r_["eval_loss_after"] for r_ in by_init["gaussian"]]
-    gauss_mae = [r_["test_mae_after"] for r_ in by_init["gaussian"]]
-    for label, rs in list(by_init.items())[1:]:
+    gauss = [r_["eval_loss_after"] for r_ in by_init.get("gaussian", [])]
+    gauss_mae = [r_["test_mae_after"] for r_ in by_init.get("gaussian", [])]
+    for label, rs in [(k, v) for k, v in by_init.items() if k != "gaussian" and gauss]:
         loss = [r_["eval_loss_after"] for r_ in rs]
         mae = [r_["test_mae_after"] for r_ in rs]
         # no worse: its mean is below gaussian's mean, or inside gaussian's seed range
@@ -250,6 +251,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu.loftq_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="training steps per run (the demo: 150)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"inits to train, from {','.join(CASES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, seconds; results to a temp dir")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -257,7 +259,10 @@ def main(argv: list[str]) -> int:
     steps = min(args.steps, 6) if args.smoke else args.steps
     seeds = tuple(int(s) for s in args.seeds.split(","))
     command = " ".join(["python -m benchmarks.cpu.loftq_demo", *argv])
-    md, js = run(["cpu.loftq_demo", *argv], out, args.smoke, steps, seeds=seeds, command=command)
+    cases = tuple(args.cases.split(","))
+    if unknown := [c for c in cases if c not in CASES]:
+        parser.error(f"--cases: unknown {unknown}; choose from {','.join(CASES)}")
+    md, js = run(["cpu.loftq_demo", *argv], out, args.smoke, steps, seeds=seeds, command=command, cases=cases)
     print(f"wrote {md} and {js}", file=sys.stderr)
     return 0
 
