@@ -133,9 +133,24 @@ def test_ddp_checkpoint_of_two_ranks_resumes_on_one(tiny_dir: Path, single: Path
     _assert_same_run(out, single)
 
 
-def test_fsdp2_four_ranks_equals_one_process(tiny_dir: Path, single: Path, tmp_path: Path) -> None:
+def test_fsdp2_four_ranks_equals_one_process_and_loads_sharded(tiny_dir: Path, single: Path, tmp_path: Path) -> None:
+    """4 ranks train as one process; FSDP.load on 4 ranks trains bit for bit as load-then-shard on 4 ranks,
+    each rank holding about a quarter of the model after the load (its shards) plus one tensor being read."""
     _run(tiny_dir, tmp_path / "fsdp4", "fsdp", 4)
     _assert_same_run(tmp_path / "fsdp4", single)
+    out, report = tmp_path / "load4", tmp_path / "report.jsonl"
+    _run(tiny_dir, out, "fsdp", 4, "--sharded-load", "--report", str(report))
+    assert _losses(out) == _losses(tmp_path / "fsdp4")  # bit for bit: same shards, same adapter init
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "fsdp4" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    reports = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["rank"] for r in reports) == [0, 1, 2, 3]
+    with safe_open(tiny_dir / "model.safetensors", "pt") as f:
+        keys = len(list(f.keys()))
+    for r in reports:
+        assert r["loaded_local"] < 0.35 * r["loaded_full"], r  # a quarter, and the few unsharded scalars
+        assert r["reads"] == keys and r["peak"] <= r["loaded_local"] + r["largest_read"], r
 
 
 @pytest.mark.gpu
