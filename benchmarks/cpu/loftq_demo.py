@@ -96,14 +96,14 @@ def demo_setup(smoke: bool, out: Path) -> dict[str, Any]:
     }
 
 
-def train_config(demo: Any, steps: int, seed: int, out: Path) -> Any:
+def train_config(demo: Any, steps: int, seed: int, out: Path, lr_scale: float = 1.0) -> Any:
     from minilora.train.loop import TrainConfig
 
     return TrainConfig(
         output_dir=str(out),
         max_steps=steps,
         batch_size=demo.batch_size,
-        lr=demo.lr,
+        lr=demo.lr * lr_scale,
         warmup_steps=demo.warmup_steps,
         min_lr_ratio=0.1,
         max_grad_norm=1.0,
@@ -124,8 +124,17 @@ def test_mae(model: torch.nn.Module, setup: dict[str, Any]) -> float:
     return score_answers(answers, [p.price for p in setup["test"]], setup["train_mean"]).mae
 
 
-def finetune(setup: dict[str, Any], case: tuple[str, str, dict], seed: int, steps: int, out: Path) -> dict[str, Any]:
-    """Held-out loss before and after `steps` of the demo's QLoRA training, and the test MAE after."""
+def finetune(
+    setup: dict[str, Any],
+    case: tuple[str, str, dict],
+    seed: int,
+    steps: int,
+    out: Path,
+    lr_scale: float = 1.0,
+    loftq_iter: int = 1,
+) -> dict[str, Any]:
+    """Held-out loss before and after `steps` of the demo's QLoRA training (at lr_scale x the demo's learning
+    rate), and the test MAE after."""
     from minilora.lora import add_lora
     from minilora.lora.config import LoRAConfig
     from minilora.lora.layer import quantize_lora_bases
@@ -134,18 +143,19 @@ def finetune(setup: dict[str, Any], case: tuple[str, str, dict], seed: int, step
     label, init, extra = case
     demo = setup["demo"]
     model = copy.deepcopy(setup["float_model"])
-    loftq = {"loftq_bits": 4, "loftq_iter": 1, **extra} if init == "loftq" else {}
+    loftq = {"loftq_bits": 4, "loftq_iter": loftq_iter, **extra} if init == "loftq" else {}
     seed_everything(seed)
     config = LoRAConfig(r=demo.r, alpha=demo.alpha, target_modules=list(demo.targets), init=init, loftq_config=loftq)
     add_lora(model, config=config)
     quantize_lora_bases(model)  # NF4, blocksize 64, no double quant
-    tc = train_config(demo, steps, seed, out / f"train-{init}-{len(extra)}-{seed}")
+    tc = train_config(demo, steps, seed, out / f"train-{init}-{len(extra)}-{seed}-{lr_scale:g}", lr_scale)
     before = evaluate(model, setup["eval"], 64, setup["pad"], tc)
     result = train(model, setup["train"], tc, pad_token_id=setup["pad"])
     after = evaluate(model, setup["eval"], 64, setup["pad"], tc)
     return {
         "init": label,
         "seed": seed,
+        "lr": tc.lr,
         "r": demo.r,
         "alpha": demo.alpha,
         "loftq_config": loftq,
@@ -173,6 +183,8 @@ def run(
     seeds: tuple[int, ...] = (0, 1, 2),
     command: str | None = None,
     cases: tuple[str, ...] = tuple(CASES),
+    lr_scales: tuple[float, ...] = (1.0,),
+    loftq_iter: int = 1,
 ) -> tuple[Path, Path]:
     from minilora.train.loop import evaluate
 
@@ -193,11 +205,16 @@ def run(
         demo = setup["demo"]
         float_tc = train_config(demo, steps, 0, Path(tmp) / "float")
         float_loss = evaluate(setup["float_model"], setup["eval"], 64, setup["pad"], float_tc)
-        runs = [finetune(setup, CASES[c], seed, steps, Path(tmp)) for seed in seeds for c in cases]
+        runs = [
+            finetune(setup, CASES[c], seed, steps, Path(tmp), scale, loftq_iter) | {"lr_scale": scale}
+            for seed in seeds
+            for c in cases
+            for scale in lr_scales
+        ]
     report.data["float_eval_loss"] = float_loss
     report.data["seeds"] = list(seeds)
     report.data["finetune"] = runs
-    keys = ["init", "seed", "eval_loss_before", "eval_loss_after", "test_mae_after", "train_loss_first"]
+    keys = ["init", "lr_scale", "seed", "eval_loss_before", "eval_loss_after", "test_mae_after", "train_loss_first"]
     report.table(
         f"Demo QLoRA fine-tune, {steps} steps: held-out loss and test MAE, gaussian vs LoftQ init",
         [*keys, "train_loss_last", "train s"],
@@ -210,11 +227,13 @@ def run(
         "test products, dollars.",
     )
     summary = []
-    by_init = {CASES[c][0]: [r_ for r_ in runs if r_["init"] == CASES[c][0]] for c in cases}
-    for label, rs in by_init.items():
+    groups = {(CASES[c][0], x): [r_ for r_ in runs if (r_["init"], r_["lr_scale"]) == (CASES[c][0], x)]
+              for c in cases for x in lr_scales}  # fmt: skip
+    for (label, x), rs in groups.items():
         summary.append(
             [
                 label,
+                x,
                 spread([r_["eval_loss_before"] for r_ in rs]),
                 spread([r_["eval_loss_after"] for r_ in rs]),
                 spread([r_["test_mae_after"] for r_ in rs]),
@@ -223,9 +242,15 @@ def run(
     report.data["summary"] = summary
     report.table(
         f"Over seeds {', '.join(map(str, seeds))}: mean (min..max)",
-        ["init", "eval loss before", "eval loss after", "test MAE after"],
+        ["init", "lr scale", "eval loss before", "eval loss after", "test MAE after"],
         summary,
     )
+    # each init at its best learning rate of the sweep (lowest mean held-out loss)
+    by_init = {}
+    for (label, _), rs in groups.items():
+        mean_loss = statistics.mean(r_["eval_loss_after"] for r_ in rs)
+        if label not in by_init or mean_loss < statistics.mean(r_["eval_loss_after"] for r_ in by_init[label]):
+            by_init[label] = rs
     gauss = [r_["eval_loss_after"] for r_ in by_init.get("gaussian", [])]
     gauss_mae = [r_["test_mae_after"] for r_ in by_init.get("gaussian", [])]
     for label, rs in [(k, v) for k, v in by_init.items() if k != "gaussian" and gauss]:
@@ -235,7 +260,8 @@ def run(
         ok_loss = statistics.mean(loss) <= max(gauss)
         ok_mae = statistics.mean(mae) <= max(gauss_mae)
         report.note(
-            f"{label}: held-out loss after {steps} steps {spread(loss)} vs gaussian {spread(gauss)}; test MAE "
+            f"{label} (lr x{rs[0]['lr_scale']:g}): held-out loss after {steps} steps {spread(loss)} vs gaussian (lr "
+            f"x{by_init['gaussian'][0]['lr_scale']:g}) {spread(gauss)}; test MAE "
             f"{spread(mae)} vs gaussian {spread(gauss_mae)}: "
             + ("no worse" if ok_loss and ok_mae else "WORSE")
             + " (criterion: LoftQ's mean at most gaussian's worst seed, for both)"
@@ -252,6 +278,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps per run (the demo: 150)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     parser.add_argument("--cases", default=",".join(CASES), help=f"inits to train, from {','.join(CASES)}")
+    parser.add_argument("--lr-scales", default="1", help="learning rates to try, as multiples of the demo's")
+    parser.add_argument("--loftq-iter", type=int, default=1, help="LoftQ's alternating steps (peft's default: 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, seconds; results to a temp dir")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -262,7 +290,8 @@ def main(argv: list[str]) -> int:
     cases = tuple(args.cases.split(","))
     if unknown := [c for c in cases if c not in CASES]:
         parser.error(f"--cases: unknown {unknown}; choose from {','.join(CASES)}")
-    md, js = run(["cpu.loftq_demo", *argv], out, args.smoke, steps, seeds=seeds, command=command, cases=cases)
+    md, js = run(["cpu.loftq_demo", *argv], out, args.smoke, steps, seeds=seeds, command=command, cases=cases,
+                 lr_scales=tuple(float(x) for x in args.lr_scales.split(",")), loftq_iter=args.loftq_iter)  # fmt: skip
     print(f"wrote {md} and {js}", file=sys.stderr)
     return 0
 
