@@ -18,6 +18,7 @@ checkpointing; attention's T^2 term left out) against the bf16 matmul rate measu
 Rows {"case", "minilora", "reference", "ratio", "unit"} go to train-default-<card>.json.
 
     python3 -m benchmarks.gpu.train_default --out DIR [--cases fixed,liger,ragged,context]
+        [--context-limit N] [--child-timeout S]
 """
 
 from __future__ import annotations
@@ -90,11 +91,24 @@ def fits(step, seq: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def max_context(step, start: int = 4096, limit: int = 262144) -> int:
-    """The longest power-of-two multiple of `start` for which one step runs (0 if none)."""
-    best, seq = 0, start
-    while seq <= limit and fits(step, seq):
+CONTEXT = {"start": 4096, "limit": 262144, "progress": None}  # set from the command line in each child
+
+
+def max_context(step, start: int | None = None) -> int:
+    """The longest power-of-two multiple of `start` for which one step runs (0 if none).
+
+    Each length that fits is written to CONTEXT["progress"] at once, so a child stopped by its timeout still
+    reports the longest length it trained."""
+    best, seq = 0, start or CONTEXT["start"]
+    while seq <= CONTEXT["limit"]:
+        t = time.perf_counter()
+        if not fits(step, seq):
+            print(f"context {seq}: out of memory", flush=True)
+            break
+        print(f"context {seq}: trained in {time.perf_counter() - t:.1f} s", flush=True)
         best, seq = seq, seq * 2
+        if CONTEXT["progress"] is not None:
+            Path(CONTEXT["progress"]).write_text(json.dumps({"context": best, "partial": True}))
     return best
 
 
@@ -195,6 +209,7 @@ def child(what: str, cases: list[str], path: Path) -> None:
         "minilora": lambda: run_minilora(cases),
         "minilora_context": run_minilora_context,
     }[what]
+    CONTEXT["progress"] = path
     path.write_text(json.dumps(fn(), default=str))
 
 
@@ -202,10 +217,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cases", default="fixed,liger,ragged,context")
+    parser.add_argument("--context-start", type=int, default=4096, help="first length the context search tries")
+    parser.add_argument("--context-limit", type=int, default=262144, help="longest length the search tries")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds each stack may run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = args.cases.split(",")
+    CONTEXT.update(start=args.context_start, limit=args.context_limit)
     if args.child:
         child(args.child, cases, args.child_out)
         return
@@ -216,17 +235,26 @@ def main() -> None:
     a = None
     torch.cuda.empty_cache()
     record: dict = {"env": environment(), "bf16_matmul_TFLOPs": mm_tflops, "flop_per_token": FLOP_PER_TOKEN}
-    stacks = ["reference", "minilora"] + (["liger"] if "liger" in cases else [])
-    stacks += ["minilora_context"] if "context" in cases else []
+    stacks = ["reference"] + (["minilora"] if {"fixed", "ragged"} & set(cases) else [])
+    stacks += (["liger"] if "liger" in cases else []) + (["minilora_context"] if "context" in cases else [])
     for what in stacks:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "benchmarks.gpu.train_default", "--child", what, "--cases", args.cases]
+            start = args.context_start
+            if what == "minilora_context":  # shorter lengths fit if the reference's longest does
+                start = max(start, record.get("reference", {}).get("context") or start)
+            cmd += ["--context-start", str(start), "--context-limit", str(args.context_limit)]
             t = time.perf_counter()
-            done = subprocess.run([*cmd, "--child-out", f"{tmp}/r.json"], check=False)
-            if done.returncode == 0:
-                record[what] = json.loads(Path(f"{tmp}/r.json").read_text())
-            else:
-                record[what] = {"error": f"exit {done.returncode}"}
+            try:
+                done = subprocess.run([*cmd, "--child-out", f"{tmp}/r.json"], check=False, timeout=args.child_timeout)
+                code = done.returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            out = Path(f"{tmp}/r.json")
+            if out.exists():  # a complete result, or the context search's progress before a timeout
+                record[what] = json.loads(out.read_text())
+            if code != 0:
+                record.setdefault(what, {})["error"] = f"exit {code}"
             print(f"{what}: {time.perf_counter() - t:.0f} s: {json.dumps(record[what])[:600]}", flush=True)
     record["rows"] = rows(record)
     write_results(args.out, f"train-default-{hardware_tag()}", record, render(record))
@@ -255,8 +283,11 @@ def rows(r: dict) -> list[dict]:
         if m.get("warmup_s") is not None:
             out.append({"case": f"{key} warmup", "minilora": m["warmup_s"], "reference": None, "ratio": None,
                         "unit": "s, first step (compile + capture)"})  # fmt: skip
-    ctx_m = r.get("minilora_context", {}).get("context")
-    add("context", ctx_m, ref.get("context"), "tokens, longest single sequence trained (doubling from 4096)")
+    ctx = r.get("minilora_context", {})
+    unit = "tokens, longest single sequence trained (doubling from 4096)"
+    if ctx.get("partial") or ref.get("partial"):
+        unit += "; a search stopped by its timeout: at least this long"
+    add("context", ctx.get("context"), ref.get("context"), unit)
     return out
 
 

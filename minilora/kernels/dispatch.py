@@ -9,6 +9,8 @@ Every fast path of this package computes the same function as the plain-PyTorch 
     quantize_int8(w)                       "triton" on an NVIDIA GPU (the reference with the GPU's division)
     linear_4bit(x, packed, state)          "triton-gemv" (M <= 4 on CUDA), "triton" (dequantize + cuBLAS),
                                            else the dequantize choice on CPU, then F.linear
+    lora_linear_4bit(x, packed, state, A, B, s)  decode's W x + s B A x: "triton-gemv-lora" (no grad, M <= 4,
+                                           CUDA), else None: the caller runs the reference LoRALinear
 
 What decides, in this order: the switch (`MINILORA_REFERENCE=1`, `use_reference()`, `with reference_mode():`
 force "reference" everywhere), the tensor's device (CUDA, and NVIDIA rather than ROCm for the kernels with
@@ -183,6 +185,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from .fastdiv import approx_divide
 
     return int8.quantize_int8_rowwise(weight, divide=approx_divide)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor | None:
+    """W x + scaling * B A x in two launches, or None where this path does not apply (callers then run the
+    reference, LoRALinear.forward): inference (no autograd) on CUDA, the GEMV's few rows (decode), x and the
+    adapter in one 16-bit dtype. "triton-gemv-lora": the GEMV kernel adds the adapter's term in its epilogue."""
+    if torch.is_grad_enabled() or not use_fast_path(x) or not (x.dtype == lora_a.dtype == lora_b.dtype):
+        return None
+    from .matmul import lora_linear_4bit as fast
+    from .matmul import uses_gemv
+
+    if not uses_gemv(x, state):
+        return None
+    return fast(x, packed, state, lora_a, lora_b, scaling)
 
 
 class _FrozenWeightMatmul(torch.autograd.Function):

@@ -17,7 +17,10 @@ Layout (W is (N, K), row n holds K/2 bytes; byte j holds element 2j in its high 
   bf16 -> float32 is a shift; x (a few KB) stays in L1/L2 and is shared by the BLOCK_N rows of a thread;
 * products are summed in float32 per chunk, the chunk sum is scaled once by its block's absmax (for
   double quant: code8[q] * nested_absmax + offset, as the reference), and accumulated in float32;
-* for M > 1 the decoded tile is reused for every row of x (BLOCK_M <= 16, unrolled).
+* for M > 1 the decoded tile is reused for every row of x (BLOCK_M <= 16, unrolled);
+* optionally, a LoRA adapter's term in the epilogue: y += scaling * h @ B.T, with h = x @ A.T (M, r) computed
+  beforehand and B (N, r) read for the program's rows only (BLOCK_N x r values): an unmerged adapter costs
+  its A product, not a B product plus a pointwise scale-and-add (benchmarks/gpu/NOTES.md, adapter decode).
 
 Numerics: sum_k code[q_k] * absmax_b * x_k, all in float32, one bf16/fp16 rounding at the end. The
 reference rounds each dequantized weight to the compute dtype first, so the two differ by that weight
@@ -92,10 +95,14 @@ def _gemv_4bit_kernel(
     code8_ptr,  # float32 (256,)                            (NESTED only)
     offset_ptr,  # float32 (1,)                              (NESTED only)
     y_ptr,  # (M, N) in x's dtype, row stride stride_ym
+    h_ptr,  # (M, R) x @ A.T, row stride stride_hm     (LORA only)
+    b_ptr,  # (N, R) lora_B weight, contiguous          (LORA only)
+    scaling,  # float: alpha / r                       (LORA only)
     M,
     N,
     stride_xw,
     stride_ym,
+    stride_hm,
     HALF_K: tl.constexpr,  # K / 2: bytes per weight row
     HALF_BS: tl.constexpr,  # blocksize / 2: bytes per quantization block
     C: tl.constexpr,  # bytes per chunk; divides HALF_BS
@@ -106,6 +113,9 @@ def _gemv_4bit_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,  # bytes per row per step; multiple of C, divides HALF_K
     ASM: tl.constexpr,  # code lookup by inline PTX (GPU) or tl.load (interpreter)
+    LORA: tl.constexpr,  # add scaling * h @ B.T
+    R: tl.constexpr,  # the adapter's rank (LORA only)
+    R_PAD: tl.constexpr,  # next power of two of R
 ):
     NC: tl.constexpr = BLOCK_KB // C  # chunks per row per step
     pid = tl.program_id(0)
@@ -152,6 +162,16 @@ def _gemv_4bit_kernel(
                 acc += tl.where(cols[None, None, :] == m, part[:, :, None], 0.0)
 
     out = tl.sum(acc, axis=1)  # (BLOCK_N, BLOCK_M)
+    if LORA:  # the adapter's term, in float32 with the base product: one rounding at the store
+        rr = tl.arange(0, R_PAD)
+        b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            h = tl.load(h_ptr + tl.minimum(m, M - 1) * stride_hm + rr, mask=rr < R, other=0.0).to(tl.float32)
+            delta = tl.sum(b * h[None, :], axis=1) * scaling  # (BLOCK_N,)
+            if BLOCK_M == 1:
+                out += delta[:, None]
+            else:
+                out += tl.where(cols[None, :] == m, delta[:, None], 0.0)
     rn_out = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(
         y_ptr + cols[None, :] * stride_ym + rn_out[:, None],
@@ -184,9 +204,16 @@ def default_config(m: int, n: int, k: int) -> dict[str, int]:
 
 
 def gemv_4bit(
-    x: torch.Tensor, packed: torch.Tensor, state: QuantState, config: dict[str, int] | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    config: dict[str, int] | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """x (..., K) @ W.T for at most GEMV_MAX_M rows of x, reading the packed weight once."""
+    """x (..., K) @ W.T for at most GEMV_MAX_M rows of x, reading the packed weight once.
+
+    lora: (h, B, scaling) with h = x @ A.T (..., r) and B (N, r): adds scaling * h @ B.T in the epilogue.
+    """
     n, k = state.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the 4-bit weight expects {k} (shape {list(state.shape)})")
@@ -197,6 +224,16 @@ def gemv_4bit(
     m = x2.shape[0]
     words = x2.view(torch.int32) if x2.is_contiguous() else x2.contiguous().view(torch.int32)  # (M, K/2)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if lora is not None:
+        h, lora_b, scaling = lora
+        r = lora_b.shape[1]
+        h = h.reshape(m, r)
+        if h.stride(-1) != 1:
+            h = h.contiguous()
+        lora_b = lora_b.contiguous()
+        assert lora_b.shape == (n, r), (tuple(lora_b.shape), n, r)
+    else:
+        h, lora_b, scaling, r = y, y, 0.0, 1  # unused pointers
     absmax, code, nested, code8, offset = _state_pointers(state, x.device)
     cfg = dict(config or default_config(m, n, k))
     half_k, half_bs = k // 2, state.blocksize // 2
@@ -217,10 +254,14 @@ def gemv_4bit(
             code8,
             offset,
             y,
+            h,
+            lora_b,
+            float(scaling),
             m,
             n,
             words.stride(0),
             y.stride(0),
+            h.stride(0),
             HALF_K=half_k,
             HALF_BS=half_bs,
             C=chunk,
@@ -231,6 +272,9 @@ def gemv_4bit(
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_KB=block_kb,
             ASM=not triton_interpreted(),  # the CPU interpreter cannot run inline PTX: a tl.load lookup instead
+            LORA=lora is not None,
+            R=r,
+            R_PAD=triton.next_power_of_2(r),
             num_warps=cfg.get("num_warps", 4),
             num_stages=cfg.get("num_stages", 1),
         )

@@ -12,7 +12,8 @@ The backward computes only grad_input = grad_out @ W (the base weight is frozen)
 kernel rebuilds W in the compute dtype, cuBLAS multiplies, and the temporary is dropped.
 
 `linear_4bit` wraps the forward and its backward as torch.library custom operators (fake and autograd
-registered) so that torch.compile traces through them.
+registered) so that torch.compile traces through them. `lora_linear_4bit` is decode's LoRALinear in two
+launches (inference only): h = x @ A.T by cuBLAS, then the GEMV with scaling * h @ B.T in its epilogue.
 """
 
 from __future__ import annotations
@@ -172,4 +173,67 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
         k,
         state.blocksize,
         256 if s2 is None else s2.blocksize,
+    )
+
+
+# ---- decode with an unmerged LoRA adapter (inference only: no autograd formula) ---------------------
+
+
+@torch.library.custom_op("minilora::lora_matmul_4bit", mutates_args=())
+def _lora_matmul_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested_blocksize: int,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    state = _state_from(absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
+    if x.is_cuda and uses_gemv(x, state):
+        record("lora_linear_4bit", "triton-gemv-lora")
+        return gemv_4bit(x, packed, state, lora=(h, lora_b, scaling))
+    y = _matmul_op(x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
+    return y + (F.linear(h, lora_b) * scaling).to(y.dtype)
+
+
+@_lora_matmul_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, *rest):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """W x + scaling * B A x for a 4-bit W at decode: A x by cuBLAS, the rest in the GEMV's epilogue."""
+    n, k = state.shape
+    s2 = state.state2
+    h = F.linear(x, lora_a)  # (..., r)
+    return _lora_matmul_op(
+        x,
+        packed,
+        state.absmax,
+        state.code,
+        None if s2 is None else s2.absmax,
+        None if s2 is None else s2.code,
+        state.offset,
+        n,
+        k,
+        state.blocksize,
+        256 if s2 is None else s2.blocksize,
+        h,
+        lora_b,
+        float(scaling),
     )

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.errors import AdapterError
+from minilora.kernels import lora_linear_4bit
 from minilora.lora.init import check_init, initial_weights
 from minilora.nn import Linear4bit, QuantizedLinear, float_weight
 
@@ -196,6 +197,8 @@ class LoRALinear(nn.Module):
         return delta if unscaled else delta * self.settings[name].scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (fused := self._fused_decode(x)) is not None:  # a GPU at decode: one kernel adds B A x (kernels/)
+            return fused
         result = self.base_layer(x)
         name = self.active_adapter
         if self.disabled or self.merged_adapters or name not in self.lora_A:
@@ -212,6 +215,27 @@ class LoRALinear(nn.Module):
             # peft's bitsandbytes layers cast the adapter output first, then add in the base dtype.
             return result + delta.to(result.dtype)
         return (result + delta).to(result.dtype)
+
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """forward's result from kernels.lora_linear_4bit where it applies (None elsewhere): plain LoRA on a
+        4-bit base without bias or cached weight, no dropout to draw, x in the compute and adapter dtype."""
+        if not x.is_cuda or torch.is_grad_enabled():  # the cheap checks first: CPU and training pay nothing
+            return None
+        name, base = self.active_adapter, self.base_layer
+        if (
+            not isinstance(base, Linear4bit)
+            or self.disabled
+            or self.merged_adapters
+            or name not in self.lora_A
+            or name in self.lora_magnitude_vector
+            or base.bias is not None
+            or base.cached_weight is not None
+            or x.dtype != (base.compute_dtype or x.dtype)
+            or (self.training and not isinstance(self.lora_dropout[name], nn.Identity))
+        ):
+            return None
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        return lora_linear_4bit(x, base.weight, base.quant_state, lora_a, lora_b, self.settings[name].scaling)
 
     def _dora_delta(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """(g - 1) * W x + g * s * B A x, g = m / ||W + s B A||_row with the norm detached (DoRA 4.3)."""

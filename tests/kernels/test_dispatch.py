@@ -97,6 +97,17 @@ _INTERPRETED = textwrap.dedent(
         ref = x.float() @ dequantize_4bit(p, s, torch.float32).T
         got = gemv_4bit(x, p, s).float()
         assert got.shape == (m, n) and float((got - ref).norm() / ref.norm()) < 1e-3, ((n, k), m)
+        # with a LoRA adapter's term in the epilogue (rank 12: padded to 16 inside), against W x + s B A x
+        a, b = torch.randn(12, k).half() * 0.1, torch.randn(n, 12).half()
+        h = x @ a.T
+        got = gemv_4bit(x, p, s, lora=(h, b, 0.5)).float()
+        ref = ref + 0.5 * h.float() @ b.float().T
+        assert float((got - ref).norm() / ref.norm()) < 1e-3, ((n, k), m, "lora")
+        # the custom operator off CUDA (the reference sum), eager and traced through its fake by torch.compile
+        from minilora.kernels.matmul import lora_linear_4bit
+        fn = lambda x: lora_linear_4bit(x.float(), p, s, a.float(), b.float(), 0.5)
+        for y in (fn(x), torch.compile(fn, backend="aot_eager", fullgraph=True)(x)):
+            assert y.shape == (m, n) and float((y - ref).norm() / ref.norm()) < 1e-3, ((n, k), m, "lora op")
     print("interpreted kernels ok")
     """
 )

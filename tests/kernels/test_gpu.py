@@ -9,7 +9,9 @@
 - GEMV decode kernel (M = 1..16): within bf16/fp16 rounding of the float32 product, every blocksize,
   with and without double quant, bf16 and fp16 x, ragged N, strided x;
 - Linear4bit: fast path forward and grad_input match the reference path (`reference_mode`), also under
-  torch.compile (the custom op traces without graph breaks).
+  torch.compile (the custom op traces without graph breaks);
+- LoRALinear over Linear4bit at decode: one GEMV with the adapter's term in its epilogue, the reference's
+  output within bf16 rounding, and the reference path wherever that kernel does not apply.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from minilora.kernels import (
     reference_mode,
     use_fast_path,
 )
+from minilora.kernels.platform import _last
 from minilora.nn import Linear4bit
 from minilora.quant import VALID_BLOCKSIZES
 
@@ -145,3 +148,38 @@ def test_gemv_is_the_decode_path_and_compiles_through_the_custom_op() -> None:
         y_ref = layer(x)
     assert _rel(y, y_ref) < 8e-3 and _rel(y_c, y_ref) < 8e-3
     assert _rel(gx_c, gx) < 1e-6
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("r", [32, 12])
+def test_lora_on_4bit_at_decode_is_one_gemv_with_the_adapter_in_its_epilogue(m: int, r: int) -> None:
+    """LoRALinear over Linear4bit, inference on CUDA, M <= 4 rows: the GEMV kernel adds s * B A x (custom op,
+    also compiled); the output is the reference's within bf16 rounding; with autograd on, in training with
+    dropout, or above the GEMV's rows, the reference path runs instead."""
+    from minilora.lora import LoRALinear
+
+    torch.manual_seed(r)
+    base = Linear4bit.from_weight(torch.randn(1024, 512, device="cuda") * 0.05, compute_dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=r, alpha=2 * r, dropout=0.1, adapter_dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)  # a trained-looking adapter (B = 0 at init)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with reference_mode():
+            expected = layer(x)
+        _last.pop("lora_linear_4bit", None)
+        got = layer(x)
+        assert last_implementation("lora_linear_4bit") == "triton-gemv-lora"
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
+        delta = expected - base(x)
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == (m, 1024)
+    assert float(delta.float().norm()) > 0.1 * float(expected.float().norm())  # the adapter's term matters
+    assert _rel(got, expected) < 8e-3 and _rel(compiled, expected) < 8e-3
+    # where it does not apply, forward is the reference
+    assert layer._fused_decode(x) is None  # autograd on
+    with torch.no_grad():
+        assert layer._fused_decode(torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)) is None  # 8 rows
+        layer.train()
+        assert layer._fused_decode(x) is None  # dropout to draw
+        layer.eval()
+        assert layer._fused_decode(x.float()) is None  # x not in the compute dtype
