@@ -183,3 +183,27 @@ def test_lora_on_4bit_at_decode_is_one_gemv_with_the_adapter_in_its_epilogue(m: 
         assert layer._fused_decode(x) is None  # dropout to draw
         layer.eval()
         assert layer._fused_decode(x.float()) is None  # x not in the compute dtype
+
+
+@pytest.mark.parametrize("m", [5, 16, 33, 64])
+@pytest.mark.parametrize(
+    "n, k, blocksize, double_quant, quant_type",
+    [(4096, 4096, 64, True, "nf4"), (1000, 1536, 64, False, "fp4"), (80, 512, 32, True, "nf4"), (300, 2048, 256, True, "nf4")],
+)  # fmt: skip
+def test_small_m_kernel_is_the_reference_product(
+    m: int, n: int, k: int, blocksize: int, double_quant: bool, quant_type: str
+) -> None:
+    """The tensor-core small-M kernel: the reference weight (bit for bit, rounded to x's dtype) times x with
+    float32 sums, so within float32 summation order of F.linear on the reference-dequantized weight."""
+    from minilora.kernels.smallm import matmul_4bit_small_m, small_m_supported
+
+    torch.manual_seed(m * 7 + n)
+    packed, state = quantize_4bit(torch.randn(n, k, device="cuda") * 0.05, blocksize, quant_type, double_quant)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)[:, ::2]  # strided rows: the wrapper copies
+        assert small_m_supported(x, state)
+        expected = x.float() @ dequantize_4bit(packed, state, dtype).float().T
+        for cfg in (None, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KB": 32, "SPLIT_K": 4, "num_warps": 4}):
+            y = matmul_4bit_small_m(x, packed, state, cfg)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert _rel(y, expected) < (4e-3 if dtype == torch.bfloat16 else 1e-3), (dtype, cfg)
