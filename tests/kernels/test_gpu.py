@@ -188,7 +188,8 @@ def test_lora_on_4bit_at_decode_is_one_gemv_with_the_adapter_in_its_epilogue(m: 
 @pytest.mark.parametrize("m", [5, 16, 33, 64])
 @pytest.mark.parametrize(
     "n, k, blocksize, double_quant, quant_type",
-    [(4096, 4096, 64, True, "nf4"), (1000, 1536, 64, False, "fp4"), (80, 512, 32, True, "nf4"), (300, 2048, 256, True, "nf4")],
+    [(4096, 4096, 64, True, "nf4"), (1000, 1536, 64, False, "fp4"), (80, 512, 32, True, "nf4"),
+     (300, 2048, 256, True, "nf4")],
 )  # fmt: skip
 def test_small_m_kernel_is_the_reference_product(
     m: int, n: int, k: int, blocksize: int, double_quant: bool, quant_type: str
