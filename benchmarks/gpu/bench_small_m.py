@@ -30,15 +30,12 @@ from minilora.kernels.dequant import dequantize_4bit_triton
 from minilora.quant import dequantize_4bit
 
 MS = (2, 4, 8, 16, 32, 64)
-TILES = [  # (BLOCK_N, BLOCK_KB, SPLIT_K, num_warps); None = default_config
+TILES = [  # (BLOCK_N, BLOCK_KB, SPLIT_K, num_warps); None = default_config (64 x 64 x 4 x 4 on these shapes)
     None,
     (64, 64, 1, 4),
-    (64, 64, 4, 4),
-    (128, 64, 1, 8),
-    (32, 64, 2, 4),
-    (64, 128, 2, 4),
-    (16, 128, 4, 4),
-]
+    (64, 64, 8, 4),
+    (128, 64, 4, 8),
+]  # the first sweep's other tiles (128x64x1x8, 32x64x2x4, 64x128x2x4, 16x128x4x4) lost: small-m-h100-sweep1.md
 
 
 def main() -> None:

@@ -78,7 +78,8 @@ def reference_steps(model, batches: list[list[list[int]]], steps: int) -> dict:
         float(loss)
         rates.append(int(mask.sum()) / (time.perf_counter() - t))
     loss = None
-    return {"tokens_per_s": statistics.median(rates[SKIP:]), "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    rates = rates[SKIP:] or rates  # a one-step run (the context search) keeps its one step
+    return {"tokens_per_s": statistics.median(rates), "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
 
 
 def fits(step, seq: int) -> bool:

@@ -7,7 +7,8 @@ Every fast path of this package computes the same function as the plain-PyTorch 
                                            else "reference" (rounding "bnb_cuda" on CUDA, "bnb_cpu" elsewhere)
     dequantize_4bit(packed, state, dtype)  "triton" on CUDA, "compiled-cpu" for large CPU weights, else "reference"
     quantize_int8(w)                       "triton" on an NVIDIA GPU (the reference with the GPU's division)
-    linear_4bit(x, packed, state)          "triton-gemv" (M <= 4 on CUDA), "triton" (dequantize + cuBLAS),
+    linear_4bit(x, packed, state)          "triton-gemv" (M <= 4 on CUDA), "triton-small-m" (M <= 64),
+                                           "triton" (dequantize + cuBLAS),
                                            else the dequantize choice on CPU, then F.linear
     lora_linear_4bit(x, packed, state, A, B, s)  decode's W x + s B A x: "triton-gemv-lora" (no grad, M <= 4,
                                            CUDA), else None: the caller runs the reference LoRALinear
@@ -128,9 +129,9 @@ def implementation(op: str, *args: object, **kwargs: object) -> str:
     if op == "linear_4bit":
         x, packed, state = args[:3]
         if use_fast_path(x):  # type: ignore[arg-type]
-            from .matmul import uses_gemv
+            from .matmul import path_of
 
-            return "triton-gemv" if uses_gemv(x, state) else "triton"  # type: ignore[arg-type]
+            return path_of(x, state)  # type: ignore[arg-type]
         return _dequantize_choice(packed, state, x.dtype)  # type: ignore[arg-type, union-attr]
     raise ValueError(f"unknown op {op!r}: expected quantize_4bit, dequantize_4bit, quantize_int8 or linear_4bit")
 
@@ -243,7 +244,7 @@ def linear_4bit(
     if weight is None and use_fast_path(x):
         from .matmul import linear_4bit as fast
 
-        return fast(x, packed, state)  # records "triton-gemv" or "triton" as it runs
+        return fast(x, packed, state)  # records "triton-gemv", "triton-small-m" or "triton" as it runs
 
     def dense() -> torch.Tensor:
         return dequantize_for_matmul(packed, state, x.dtype) if weight is None else weight.to(x.dtype)

@@ -4,6 +4,8 @@ its backward, for a frozen 4-bit base layer (QLoRA section 3).
 How the forward is computed (benchmarks/gpu/NOTES.md has the figures that set the defaults):
 
 * decode, M <= DECODE_MAX_M: the GEMV kernel of gemv.py (reads the packed weight once);
+* a few rows, M <= SMALL_M_MAX (64): the small-M kernel of smallm.py (the packed tile decoded in registers into
+  tensor-core products; reads the packed weight once);
 * otherwise: the fast dequantize kernel (dequant.py) into a temporary weight in the compute dtype, then
   cuBLAS `F.linear`. (A fused dequantize-matmul Triton kernel measured 12-17x slower on the H200 and was
   removed; NOTES.md keeps its figures.)
@@ -25,6 +27,7 @@ from ..quant.state import QuantState
 from .dequant import dequantize_4bit_triton
 from .gemv import gemv_4bit, gemv_supported
 from .platform import record
+from .smallm import matmul_4bit_small_m, small_m_supported
 
 # Largest M that takes the GEMV decode kernel (gemv.py); above it, dequantize + cuBLAS.
 # The crossover measured on the H200 lies between M = 4 and 8 on all three Llama-8B shapes
@@ -37,12 +40,21 @@ def uses_gemv(x: torch.Tensor, state: QuantState) -> bool:
     return x.numel() // max(1, x.shape[-1]) <= DECODE_MAX_M and gemv_supported(x, state)
 
 
-def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """x @ W.T on the GPU: the GEMV kernel for M <= DECODE_MAX_M, else the dequantize kernel and cuBLAS."""
+def path_of(x: torch.Tensor, state: QuantState) -> str:
+    """The kernel matmul_4bit runs: "triton-gemv" (M <= DECODE_MAX_M), "triton-small-m" (up to SMALL_M_MAX rows:
+    on an H100 1.2-1.9x bitsandbytes and 1.1-1.9x dequantize + cuBLAS at M = 8..64), else "triton"."""
     if uses_gemv(x, state):
-        record("linear_4bit", "triton-gemv")
+        return "triton-gemv"
+    return "triton-small-m" if small_m_supported(x, state) else "triton"
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x @ W.T on the GPU: the GEMV kernel, the small-M kernel, or the dequantize kernel and cuBLAS (path_of)."""
+    path = record("linear_4bit", path_of(x, state))
+    if path == "triton-gemv":
         return gemv_4bit(x, packed, state)
-    record("linear_4bit", "triton")
+    if path == "triton-small-m":
+        return matmul_4bit_small_m(x, packed, state)
     return F.linear(x, dequantize_4bit_triton(packed, state, x.dtype))
 
 

@@ -108,6 +108,14 @@ _INTERPRETED = textwrap.dedent(
         fn = lambda x: lora_linear_4bit(x.float(), p, s, a.float(), b.float(), 0.5)
         for y in (fn(x), torch.compile(fn, backend="aot_eager", fullgraph=True)(x)):
             assert y.shape == (m, n) and float((y - ref).norm() / ref.norm()) < 1e-3, ((n, k), m, "lora op")
+    # the small-M tensor-core kernel (5..64 rows) and the matmul's choice of path by rows
+    from minilora.kernels.matmul import matmul_4bit, path_of
+    p, s = quantize_4bit(torch.randn(96, 1024), 64, "nf4", True)
+    for m, path in ((3, "triton-gemv"), (20, "triton-small-m"), (64, "triton-small-m"), (65, "triton")):
+        x = torch.randn(m, 1024).half()
+        ref = x.float() @ dequantize_4bit(p, s, torch.float16).float().T
+        got = matmul_4bit(x, p, s).float()
+        assert path_of(x, s) == path and float((got - ref).norm() / ref.norm()) < 1e-3, (m, path)
     print("interpreted kernels ok")
     """
 )

@@ -4,8 +4,8 @@
 
 - dequantize: bit-identical to minilora.quant.dequantize_4bit for NF4/FP4, with and without double
   quant, every blocksize, odd sizes and partial last blocks, bf16/fp16/fp32 outputs;
-- the 4-bit matmul (GEMV for a few rows, else dequantize + cuBLAS): within bf16 rounding of the float32
-  product with the reference weight;
+- the 4-bit matmul (GEMV for a few rows, the small-M kernel up to 64, else dequantize + cuBLAS): within
+  bf16 rounding of the float32 product with the reference weight;
 - GEMV decode kernel (M = 1..16): within bf16/fp16 rounding of the float32 product, every blocksize,
   with and without double quant, bf16 and fp16 x, ragged N, strided x;
 - Linear4bit: fast path forward and grad_input match the reference path (`reference_mode`), also under
@@ -90,12 +90,12 @@ def test_unaligned_width_falls_back_and_stays_correct() -> None:
     assert _rel(matmul_4bit(x, packed, state), exact) < 8e-3
 
 
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 40, 100])
 def test_linear4bit_fast_path_matches_reference_path(m: int) -> None:
     torch.manual_seed(m)
     layer = Linear4bit.from_weight(torch.randn(768, 512, device="cuda") * 0.05, compute_dtype=torch.bfloat16)
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    expected = "triton-gemv" if m == 1 else "triton"  # M <= 4 rows: the GEMV kernel
+    expected = {1: "triton-gemv", 40: "triton-small-m", 100: "triton"}[m]  # <= 4 rows, <= 64 rows, more
     assert use_fast_path(x) and implementation("linear_4bit", x, layer.weight, layer.quant_state) == expected
     y = layer(x)
     g = torch.randn_like(y)
