@@ -57,6 +57,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     echo(run_explain(args).rstrip("\n"))
 
 
+# ---------------------------------------------------------------------------------------------- parsers
+# One add_parser + add_argument block per command: alike in shape, each the documentation of its command.
 def add_footprint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "footprint",

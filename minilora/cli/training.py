@@ -68,6 +68,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     echo(f"metrics: {result.metrics_path}" + (f"   loss curve: {result.plot_path}" if result.plot_path else ""))
 
 
+# ---------------------------------------------------------------------------------------------- parsers
+# One add_parser + add_argument block per command: alike in shape, each the documentation of its command.
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",

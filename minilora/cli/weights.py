@@ -140,6 +140,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     echo(f"{args.type} checkpoint (bitsandbytes format) written to {out}")
 
 
+# ---------------------------------------------------------------------------------------------- parsers
+# One add_parser + add_argument block per command: alike in shape, each the documentation of its command.
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
