@@ -1,4 +1,4 @@
-"""The `minilora explain quant|lora|model` command line: its parser and what it prints (cli.py wires it in).
+"""The `minilora explain quant|lora|model` command line: its parser and what it prints (cli/reports.py wires it in).
 
     minilora explain quant [MODEL] [--tensor KEY] [--block N] [--type nf4|fp4] [--blocksize 64] [--plot DIR]
     minilora explain lora  [MODEL] [--r 32] [--alpha 64] [--targets q_proj,k_proj,v_proj,o_proj] [--no-merge]

@@ -16,7 +16,7 @@ import torch
 
 from minilora.loading import from_pretrained
 from minilora.lora import add_lora
-from minilora.train import loop
+from minilora.train import lm_loss, loop
 from minilora.train.data import IGNORE_INDEX, Example, collate, collate_packed, tokenize_records
 from minilora.train.fast import choose_path, document_ids, pack_first_fit
 from minilora_demo.price import split_products
@@ -127,7 +127,7 @@ def test_long_sequences_take_the_chunked_head_with_the_same_loss(tiny_dir: Path,
     params = loop.adapter_parameters(model)
     results = []
     for threshold in (loop.CHUNKED_LOGITS, 0):  # 0: every batch counts as long
-        monkeypatch.setattr(loop, "CHUNKED_LOGITS", threshold)
+        monkeypatch.setattr(lm_loss, "CHUNKED_LOGITS", threshold)  # read where causal_lm_loss lives
         loss_sum, n = loop.causal_lm_loss(model, batch)
         (loss_sum / n).backward()
         results.append((float(loss_sum.detach()), [p.grad.clone() for p in params]))
