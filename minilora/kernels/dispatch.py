@@ -188,7 +188,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return int8.quantize_int8_rowwise(weight, divide=approx_divide)
 
 
-def lora_linear_4bit(
+def lora_linear_4bit(  # matmul.lora_linear_4bit's arguments: this door decides whether it runs
     x: torch.Tensor,
     packed: torch.Tensor,
     state: QuantState,

@@ -189,6 +189,17 @@ def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
     return 1 <= m <= GEMV_MAX_M and k % state.blocksize == 0 and k % 2 == 0 and state.numel < 2**31
 
 
+def x_words(x: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x (..., K) of 16-bit values as (M, K/2) int32 words, word j = (x[2j], x[2j+1]): the kernels' view of x."""
+    n, k = state.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the 4-bit weight expects {k} (shape {list(state.shape)})")
+    x2 = x.reshape(-1, k)  # (M, K)
+    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    return x2.view(torch.int32) if x2.is_contiguous() else x2.contiguous().view(torch.int32)
+
+
 def default_config(m: int, n: int, k: int) -> dict[str, int]:
     """Tiles by shape, from the sweep of benchmarks/gpu/bench_decode.py on the H200 (NOTES.md, gemv v1).
 
@@ -215,14 +226,9 @@ def gemv_4bit(
     lora: (h, B, scaling) with h = x @ A.T (..., r) and B (N, r): adds scaling * h @ B.T in the epilogue.
     """
     n, k = state.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the 4-bit weight expects {k} (shape {list(state.shape)})")
     assert gemv_supported(x, state), "gemv_4bit called on an unsupported shape or dtype"
-    x2 = x.reshape(-1, k)  # (M, K)
-    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    words = x2.view(torch.int32) if x2.is_contiguous() else x2.contiguous().view(torch.int32)  # (M, K/2)
+    words = x_words(x, state)
+    m = words.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if lora is not None:
         h, lora_b, scaling = lora

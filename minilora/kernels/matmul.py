@@ -166,31 +166,26 @@ def _matmul_backward(ctx, grad_out: torch.Tensor) -> tuple:  # type: ignore[no-u
 _matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
 
 
+def _op_args(state: QuantState) -> tuple:
+    """A QuantState as the operators take it: absmax, code, nested absmax and code, offset, n, k, blocksizes."""
+    n, k = state.shape
+    s2 = state.state2
+    nested = (None, None, 256) if s2 is None else (s2.absmax, s2.code, s2.blocksize)
+    return state.absmax, state.code, nested[0], nested[1], state.offset, n, k, state.blocksize, nested[2]
+
+
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """y = x @ W.T for a frozen 4-bit W, differentiable in x: the fast twin of Linear4bit's reference matmul.
 
     One `torch.ops.minilora.matmul_4bit` call: traceable by torch.compile (fake + autograd registered).
     """
-    n, k = state.shape
-    s2 = state.state2
-    return _matmul_op(
-        x,
-        packed,
-        state.absmax,
-        state.code,
-        None if s2 is None else s2.absmax,
-        None if s2 is None else s2.code,
-        state.offset,
-        n,
-        k,
-        state.blocksize,
-        256 if s2 is None else s2.blocksize,
-    )
+    return _matmul_op(x, packed, *_op_args(state))
 
 
 # ---- decode with an unmerged LoRA adapter (inference only: no autograd formula) ---------------------
 
 
+# Its arguments are matmul_4bit's (torch.library wants each spelled out), then h = x @ A.T, lora_B and scaling.
 @torch.library.custom_op("minilora::lora_matmul_4bit", mutates_args=())
 def _lora_matmul_op(
     x: torch.Tensor,
@@ -230,22 +225,5 @@ def lora_linear_4bit(
     scaling: float,
 ) -> torch.Tensor:
     """W x + scaling * B A x for a 4-bit W at decode: A x by cuBLAS, the rest in the GEMV's epilogue."""
-    n, k = state.shape
-    s2 = state.state2
     h = F.linear(x, lora_a)  # (..., r)
-    return _lora_matmul_op(
-        x,
-        packed,
-        state.absmax,
-        state.code,
-        None if s2 is None else s2.absmax,
-        None if s2 is None else s2.code,
-        state.offset,
-        n,
-        k,
-        state.blocksize,
-        256 if s2 is None else s2.blocksize,
-        h,
-        lora_b,
-        float(scaling),
-    )
+    return _lora_matmul_op(x, packed, *_op_args(state), h, lora_b, float(scaling))

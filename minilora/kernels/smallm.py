@@ -28,12 +28,13 @@ import triton.language as tl
 
 from ..quant.state import QuantState
 from .dequant import _state_pointers
-from .gemv import _lookup
+from .gemv import _lookup, x_words
 from .platform import launch_device, triton_interpreted
 
 SMALL_M_MAX = 64  # rows of x this kernel takes (BLOCK_M = 16, 32 or 64)
 
 
+# The pointer arguments are gemv.py's kernel's, in its order (one launch convention for the 4-bit kernels).
 @triton.jit
 def _small_m_4bit_kernel(
     x_ptr,  # (M, K/2) int32 words: two 16-bit inputs each; row stride stride_xw (in words)
@@ -132,14 +133,9 @@ def matmul_4bit_small_m(
 ) -> torch.Tensor:
     """x (..., K) @ W.T for at most SMALL_M_MAX rows of x, W decoded tile by tile into the tensor cores."""
     n, k = state.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the 4-bit weight expects {k} (shape {list(state.shape)})")
     assert small_m_supported(x, state), "matmul_4bit_small_m called on an unsupported shape or dtype"
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    words = x2.view(torch.int32) if x2.is_contiguous() else x2.contiguous().view(torch.int32)  # (M, K/2)
+    words = x_words(x, state)  # (M, K/2) int32
+    m = words.shape[0]
     cfg = dict(config or default_config(m, n, k))
     half_k, half_bs = k // 2, state.blocksize // 2
     chunk = min(32, half_bs)
@@ -155,7 +151,7 @@ def matmul_4bit_small_m(
                       device=x.device)  # fmt: skip
     absmax, code, nested, code8, offset = _state_pointers(state, x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    with launch_device(x):
+    with launch_device(x):  # the state's pointers go in as to dequant.py's and gemv.py's kernels
         _small_m_4bit_kernel[grid](
             words,
             packed.reshape(-1),
