@@ -26,6 +26,7 @@ reference it is tested against, and what runs everywhere else.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -259,12 +260,14 @@ def greedy_batch(
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of several prompts at once (left padding, one shared cache).
 
     Returns each prompt's new ids, cut after its first stop id (included). One batched forward per new
     token instead of one per prompt: with a quantized base, each forward rebuilds every weight, so
-    batching divides that cost by the batch size.
+    batching divides that cost by the batch size. adapter_names: prompt i decodes with adapter
+    adapter_names[i] ("__base__": none), peft's mixed-adapter batch (minilora.lora.mixed_batch).
     """
     prompts = [list(p) for p in prompts]
     if not prompts or any(not p for p in prompts):
@@ -283,15 +286,23 @@ def greedy_batch(
     model.eval()
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    rows = contextlib.nullcontext()
+    if adapter_names is not None:
+        from minilora.lora.multi import mixed_batch
+
+        if len(adapter_names) != B:
+            raise ValueError(f"greedy_batch: {len(adapter_names)} adapter names for {B} prompts")
+        rows = mixed_batch(model, adapter_names)
     try:
-        logits = _last_logits(model, ids, mask, cache)
-        for nxt in decode_loop(logits, _cached_step(model, cache, mask), SamplingConfig(max_new_tokens)):
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t in stops
-            if all(done):
-                break
+        with rows:
+            logits = _last_logits(model, ids, mask, cache)
+            for nxt in decode_loop(logits, _cached_step(model, cache, mask), SamplingConfig(max_new_tokens)):
+                for i, t in enumerate(nxt.tolist()):
+                    if not done[i]:
+                        out[i].append(t)
+                        done[i] = t in stops
+                if all(done):
+                    break
     finally:
         model.train(was_training)
     return out

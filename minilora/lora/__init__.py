@@ -18,7 +18,7 @@ from minilora.lora.config import LoRAConfig
 from minilora.lora.extras import ModulesToSave, TrainableTokens
 from minilora.lora.layer import AdapterSettings, LoRALinear, MergeReport
 from minilora.lora.loraplus import create_loraplus_optimizer, loraplus_param_groups
-from minilora.lora.multi import add_weighted_adapter, delete_adapter, load_adapters, save_adapters
+from minilora.lora.multi import add_weighted_adapter, delete_adapter, load_adapters, mixed_batch, save_adapters
 from minilora.lora.peft_io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from minilora.lora.targeting import find_targets, is_target, pattern_value
 
@@ -46,6 +46,7 @@ __all__ = [
     "lora_layers",
     "merge_adapters",
     "merge_and_unload",
+    "mixed_batch",
     "pattern_value",
     "print_trainable_parameters",
     "read_adapter_config",

@@ -196,9 +196,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def merge_adapters(model: nn.Module, adapter_name: str | None = None) -> list[MergeReport]:
     """Fold the (active) adapter into every base weight; returns one report per layer.
 
-    On quantized bases each report carries the requantization error of that layer.
+    On quantized bases each report carries the requantization error of that layer. Layers the adapter does not
+    target are left as they are (peft's merge_adapter does the same).
     """
-    return [layer.merge(adapter_name, module_name=name) for name, layer in lora_layers(model)]
+    name = adapter_name or active_adapter(model)
+    if name not in _configs(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(_configs(model))}")
+    return [layer.merge(name, module_name=where) for where, layer in lora_layers(model) if name in layer.lora_A]
 
 
 def unmerge_adapters(model: nn.Module) -> None:

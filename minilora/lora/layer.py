@@ -104,6 +104,7 @@ class LoRALinear(nn.Module):
         self.settings: dict[str, AdapterSettings] = {}
         self.active_adapter: str = adapter_name
         self.disabled: bool = False  # True: forward is the base layer alone
+        self.row_adapters: list[str] | None = None  # a mixed batch: row i's adapter (lora/multi.py, mixed_batch)
         self.merged_adapters: list[str] = []
         # What unmerge needs: DoRA's pre-merge row norms, and the pre-merge module of a quantized base.
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
@@ -197,6 +198,8 @@ class LoRALinear(nn.Module):
         return delta if unscaled else delta * self.settings[name].scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None and not self.disabled:
+            return self._mixed_batch_forward(x, self.row_adapters)
         if (fused := self._fused_decode(x)) is not None:  # a GPU at decode: one kernel adds B A x (kernels/)
             return fused
         result = self.base_layer(x)
@@ -215,6 +218,21 @@ class LoRALinear(nn.Module):
             # peft's bitsandbytes layers cast the adapter output first, then add in the base dtype.
             return result + delta.to(result.dtype)
         return (result + delta).to(result.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """W x for every row, plus s B A x of row i's adapter names[i] ("__base__", or one this layer lacks: none)."""
+        if x.shape[0] != len(names):
+            raise AdapterError(f"a mixed batch names {len(names)} adapters for {x.shape[0]} rows")
+        result = self.base_layer(x)
+        for name in dict.fromkeys(names):  # each adapter once, in order of first use
+            if name not in self.lora_A:
+                continue
+            rows = [i for i, n in enumerate(names) if n == name]
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            sub = x[rows].to(lora_A.weight.dtype)
+            delta = lora_B(lora_A(self.lora_dropout[name](sub))) * self.settings[name].scaling
+            result[rows] += delta.to(result.dtype)  # peft's order: the adapter's output cast, then added
+        return result
 
     def _fused_decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """forward's result from kernels.lora_linear_4bit where it applies (None elsewhere): plain LoRA on a

@@ -1,4 +1,5 @@
-"""Several named adapters on one model: delete, combine (peft's add_weighted_adapter), save and load all.
+"""Several named adapters on one model: delete, combine (peft's add_weighted_adapter), save and load all, and
+batches whose rows use different adapters (peft's `model(..., adapter_names=[...])`: `mixed_batch`).
 
 Switching (`set_adapter`) and disabling (`disable_adapters`) are in api.py. Combining, per layer:
 
@@ -14,9 +15,11 @@ in a subdirectory named after it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -137,3 +140,43 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     for name in names:
         load_adapter(model, directory if name == "default" else directory / name, adapter_name=name)
     return names
+
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none).
+
+    peft's `model(input_ids, adapter_names=[...])`, for inference: each LoRA layer computes W x for the whole
+    batch, then adds s B A x for each adapter's rows only (a layer the adapter does not target adds nothing).
+    Generation: `greedy_batch(model, prompts, n, adapter_names=[...])`. Refused as peft refuses: in training
+    mode, with merged adapters, or for DoRA adapters; also with modules_to_save, whose mixed rows are not built.
+
+    >>> with mixed_batch(model, ["sql", "chat", "__base__"]):      # doctest: +SKIP
+    ...     logits = model(ids)                                     # ids: 3 rows
+    """
+    names = list(adapter_names)
+    configs = _configs(model)
+    unknown = sorted(set(names) - set(configs) - {BASE})
+    if unknown:
+        raise AdapterError(f"mixed batch: no adapter named {unknown}; the model has {sorted(configs)} (and {BASE!r})")
+    if model.training:
+        raise AdapterError("mixed batch: the model is in training mode (peft refuses it too); call .eval() first")
+    if extra_modules(model):
+        raise AdapterError("mixed batch: the model has modules_to_save, whose per-row forward is not built")
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        if layer.merged_adapters:
+            raise AdapterError(f"mixed batch: adapters {layer.merged_adapters} are merged; unmerge them first")
+        dora = sorted(n for n in set(names) if n in layer.lora_magnitude_vector)
+        if dora:
+            raise AdapterError(f"mixed batch: {dora} use DoRA, which peft's mixed batches do not take either")
+    for layer in layers:
+        layer.row_adapters = names
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None

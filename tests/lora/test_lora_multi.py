@@ -11,7 +11,15 @@ import torch
 import minilora.lora as ml
 from minilora.errors import AdapterError
 from minilora.lora.multi import add_weighted_adapter, delete_adapter, load_adapters, save_adapters
-from tests.lora.lora_testutil import ATTN, assert_logits_close, hf_model, input_ids, logits, randomize_adapters
+from tests.lora.lora_testutil import (
+    ATTN,
+    assert_logits_close,
+    hf_model,
+    input_ids,
+    logits,
+    minilora_model,
+    randomize_adapters,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -85,3 +93,100 @@ def test_weighted_adapter_equals_peft(tiny_llama_dir: Path, tmp_path: Path, comb
         assert_logits_close(logits(ours.eval(), input_ids()), logits(ref, input_ids()))
     ml.save_adapter(ours, tmp_path / "mix_ours", adapter_name="mix")
     assert ml.read_adapter_config(tmp_path / "mix_ours").r == (svd_rank or 4)
+
+
+ROWS = ["other", "__base__", "default", "other"]  # peft's mixed-adapter batch: one adapter per row
+
+
+def test_mixed_batch_equals_peft_adapter_names(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Each row through its own adapter, as peft's `model(ids, adapter_names=...)`, on transformers' model
+    and on minilora's own decoder (NF4 base too), and each row equal to that adapter run alone."""
+    ref = peft_two_adapters(tiny_llama_dir)
+    ref.save_pretrained(tmp_path)
+    ids = input_ids(batch=len(ROWS))
+    with torch.no_grad():
+        expected = ref(ids, adapter_names=ROWS).logits
+        for ours in (hf_model(tiny_llama_dir), minilora_model(tiny_llama_dir)):
+            load_adapters(ours, tmp_path)
+            with ml.mixed_batch(ours, ROWS):
+                got = logits(ours, ids)
+            assert_logits_close(got, expected)
+            assert all(layer.row_adapters is None for _, layer in ml.lora_layers(ours))  # the block restores
+            for i, name in enumerate(ROWS):  # row i alone, with its adapter set the ordinary way
+                if name == "__base__":
+                    with ml.disable_adapters(ours):
+                        alone = logits(ours, ids[i : i + 1])
+                else:
+                    ml.set_adapter(ours, name)
+                    alone = logits(ours, ids[i : i + 1])
+                assert_logits_close(got[i : i + 1], alone)
+        nf4 = minilora_model(tiny_llama_dir, quantize="nf4")
+        load_adapters(nf4, tmp_path)
+        with ml.mixed_batch(nf4, ROWS):
+            got = logits(nf4, ids)
+        ml.set_adapter(nf4, "other")
+        assert_logits_close(got[3:4], logits(nf4, ids[3:4]))
+
+
+def test_greedy_batch_with_adapter_names_equals_each_prompt_alone(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from minilora.generate import greedy_batch
+
+    peft_two_adapters(tiny_llama_dir).save_pretrained(tmp_path)
+    ours = minilora_model(tiny_llama_dir)
+    load_adapters(ours, tmp_path)
+    prompts = [[5, 9, 17], [3, 4, 5, 6, 7], [100, 2], [8] * 4]
+    mixed = greedy_batch(ours, prompts, 6, adapter_names=ROWS)
+    for prompt, name, got in zip(prompts, ROWS, mixed, strict=True):
+        if name == "__base__":
+            with ml.disable_adapters(ours):
+                alone = greedy_batch(ours, [prompt], 6)[0]
+        else:
+            ml.set_adapter(ours, name)
+            alone = greedy_batch(ours, [prompt], 6)[0]
+        assert got == alone, (name, prompt)
+    assert mixed[0] != mixed[1] or mixed[2] != mixed[1]  # the adapters change what is generated
+    with pytest.raises(ValueError, match="3 adapter names for 4 prompts"):
+        greedy_batch(ours, prompts, 2, adapter_names=ROWS[:3])
+
+
+def test_mixed_batch_refuses_what_peft_refuses(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    peft_two_adapters(tiny_llama_dir).save_pretrained(tmp_path)
+    ours = minilora_model(tiny_llama_dir)
+    load_adapters(ours, tmp_path)
+    ids = input_ids(batch=2)
+    with pytest.raises(AdapterError, match=r"no adapter named \['sql'\]"):
+        with ml.mixed_batch(ours, ["sql", "default"]):
+            pass
+    with pytest.raises(AdapterError, match="names 4 adapters for 2 rows"), torch.no_grad():
+        with ml.mixed_batch(ours, ROWS):
+            ours(ids)
+    ours.train()
+    with pytest.raises(AdapterError, match="training mode"):
+        with ml.mixed_batch(ours, ["default", "other"]):
+            pass
+    ours.eval()
+    ml.add_lora(ours, r=2, alpha=2, target_modules=["q_proj"], adapter_name="dora", use_dora=True)
+    with pytest.raises(AdapterError, match="DoRA"):
+        with ml.mixed_batch(ours, ["dora", "default"]):
+            pass
+    ml.set_adapter(ours, "default")
+    ml.merge_adapters(ours)
+    with pytest.raises(AdapterError, match="merged"):
+        with ml.mixed_batch(ours, ["default", "other"]):
+            pass
+
+
+def test_merging_one_of_two_adapters_with_different_targets_equals_peft(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """ "other" targets q_proj and up_proj, "default" the attention: merging either leaves the rest alone."""
+    ref = peft_two_adapters(tiny_llama_dir)
+    ref.save_pretrained(tmp_path)
+    ours = minilora_model(tiny_llama_dir)
+    load_adapters(ours, tmp_path)
+    ids = input_ids()
+    with torch.no_grad():
+        ref.set_adapter("other")
+        ml.set_adapter(ours, "other")
+        ref.merge_adapter()
+        reports = ml.merge_adapters(ours)
+        assert len(reports) == 2 * 2  # q_proj and up_proj of both layers, nothing else
+        assert_logits_close(logits(ours, ids), logits(ref, ids))
