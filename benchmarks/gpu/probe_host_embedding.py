@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (every closure below is timed at once, inside the iteration that made its tensors)
 """Probe for issue 15's memory target: can a frozen input embedding live in pinned host memory and still be
 read inside the CUDA-graph training step?
 
