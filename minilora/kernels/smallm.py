@@ -120,11 +120,9 @@ def small_m_supported(x: torch.Tensor, state: QuantState) -> bool:
 def default_config(m: int, n: int, k: int) -> dict[str, int]:
     """Tiles by shape, from the sweep of benchmarks/gpu/bench_small_m.py on an H100 (NOTES.md, small-M kernel):
     64 weight rows x 64 bytes per step, 4 warps, K split in 4 (halved where K does not divide) won on all three
-    Llama-8B shapes at every M in 8..64; without the split, 14336x4096 took 1.25x longer."""
-    split = 4
-    while split > 1 and (k // 2) % (64 * split):
-        split //= 2
-    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "BLOCK_KB": 64, "SPLIT_K": split,
+    Llama-8B shapes at every M in 8..64; without the split, 14336x4096 took 1.25x longer. (The launcher halves
+    the split and the step where K does not divide.)"""
+    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "BLOCK_KB": 64, "SPLIT_K": 4,
             "num_warps": 4}  # fmt: skip
 
 

@@ -199,9 +199,9 @@ def merge_adapters(model: nn.Module, adapter_name: str | None = None) -> list[Me
     On quantized bases each report carries the requantization error of that layer. Layers the adapter does not
     target are left as they are (peft's merge_adapter does the same).
     """
-    name = adapter_name or active_adapter(model)
-    if name not in _configs(model):
-        raise ValueError(f"no adapter named {name!r}; the model has {sorted(_configs(model))}")
+    name, configs = adapter_name or active_adapter(model), _configs(model)
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}")
     return [layer.merge(name, module_name=where) for where, layer in lora_layers(model) if name in layer.lora_A]
 
 
