@@ -123,17 +123,47 @@ def minilora_generate(model: nn.Module) -> dict:
     }
 
 
-def run_minilora(quant: bool) -> dict:
+@torch.no_grad()
+def profile_token(model: nn.Module, steps: int = 8) -> list[dict]:
+    """GPU time per token of each kernel name, over `steps` eager decode steps (the graph replays the same
+    kernels without the launch gaps), largest first: where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minilora.models.llama import StaticKVCache
+
+    cache = StaticKVCache(model.config, 1, PROMPT + steps + 1, dtype=torch.bfloat16, device="cuda")
+    nxt = model(prompt_ids().cuda(), cache=cache)[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():  # CUDA activity only: kernels, copies and sets
+        us = getattr(e, "device_time_total", 0.0)
+        if us > 0:
+            per[e.key] = (us, e.count)
+    rows_ = [
+        {"kernel": k[:120], "us_per_token": us / steps, "calls_per_token": n / steps} for k, (us, n) in per.items()
+    ]
+    return sorted(rows_, key=lambda r: -r["us_per_token"])[:25]
+
+
+def run_minilora(quant: bool, profile: bool = False) -> dict:
     from minilora.lora import add_lora
 
     model = build_minilora(quant)
     out = {"plain": minilora_generate(model)}
+    if profile:
+        out["plain"]["profile"] = profile_token(model)
     if quant:
         add_lora(model, r=32, alpha=64, target_modules=TARGETS, adapter_dtype=torch.bfloat16)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=1e-3)
         out["adapter"] = minilora_generate(model)
+        if profile:
+            out["adapter"]["profile"] = profile_token(model)
     return out
 
 
@@ -151,14 +181,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--only", help="comma-separated children (default: all)")
     parser.add_argument("--child-timeout", type=float, default=None, help="seconds per child (NF4: ~140 s, H100)")
+    parser.add_argument("--profile", action="store_true", help="also the per-kernel GPU time of one eager token")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     children = {
         "reference_nf4": lambda: run_reference(True),
         "reference_bf16": lambda: run_reference(False),
-        "minilora_nf4": lambda: run_minilora(True),
-        "minilora_bf16": lambda: run_minilora(False),
+        "minilora_nf4": lambda: run_minilora(True, args.profile),
+        "minilora_bf16": lambda: run_minilora(False, args.profile),
     }
     if args.child:
         args.child_out.write_text(json.dumps(children[args.child](), default=str))
@@ -169,6 +200,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             cmd = [sys.executable, "-m", "benchmarks.gpu.decode_default", "--child", what, "--child-out", f"{tmp}/r"]
+            cmd += ["--profile"] if args.profile else []
             try:
                 done = subprocess.run(cmd, check=False, timeout=args.child_timeout)
             except subprocess.TimeoutExpired:
@@ -227,10 +259,20 @@ def render(r: dict) -> str:
     )
     eq = {k: v.get("plain", {}).get("equal_64_to_reference_loop") for k, v in r.items() if k.startswith("minilora")}
     at = {k: v.get("plain", {}).get("first_difference") for k, v in r.items() if k.startswith("minilora")}
+    prof = ""
+    for k, v in r.items():
+        for kind in ("plain", "adapter") if k.startswith("minilora") else ():
+            if v.get(kind, {}).get("profile"):
+                rows_ = [
+                    [p["kernel"], f"{p['us_per_token']:.1f}", f"{p['calls_per_token']:.0f}"] for p in v[kind]["profile"]
+                ]
+                prof += f"\n### {k} {kind}: GPU time per token by kernel (eager steps)\n\n"
+                prof += md_table(["kernel", "us / token", "calls / token"], rows_)
     return (
         head
         + table
         + (f"\nGraph path's greedy tokens equal the reference loop's (64 tokens): {eq}; first difference at: {at}\n")
+        + prof
     )
 
 

@@ -10,6 +10,7 @@
     fastdiv.py    CUDA: the GPU's approximate division bitsandbytes' quantizers use
     gemv.py       CUDA: the 4-bit GEMV for decode (a few rows of x)
     matmul.py     CUDA: the 4-bit linear as a torch.library operator (forward and grad_input)
+    gather.py     CUDA: rows of a frozen embedding read from pinned host memory (zero-copy)
     loss.py       the chunked cross-entropy of the training loop
 
 Triton is imported only when a kernel runs on a CUDA tensor; on CPU nothing here needs it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from .dispatch import (
     dequantize_4bit,
+    embedding_rows,
     implementation,
     last_implementation,
     linear_4bit,
@@ -34,6 +36,7 @@ from .dispatch import (
 
 __all__ = [
     "dequantize_4bit",
+    "embedding_rows",
     "implementation",
     "last_implementation",
     "linear_4bit",

@@ -12,6 +12,7 @@ Every fast path of this package computes the same function as the plain-PyTorch 
                                            else the dequantize choice on CPU, then F.linear
     lora_linear_4bit(x, packed, state, A, B, s)  decode's W x + s B A x: "triton-gemv-lora" (no grad, M <= 4,
                                            CUDA), else None: the caller runs the reference LoRALinear
+    embedding_rows(table, ids)             "triton-host-gather" (CUDA ids, a pinned host table), else "reference"
 
 What decides, in this order: the switch (`MINILORA_REFERENCE=1`, `use_reference()`, `with reference_mode():`
 force "reference" everywhere), the tensor's device (CUDA, and NVIDIA rather than ROCm for the kernels with
@@ -207,6 +208,19 @@ def lora_linear_4bit(  # matmul.lora_linear_4bit's arguments: this door decides 
     if not uses_gemv(x, state):
         return None
     return fast(x, packed, state, lora_a, lora_b, scaling)
+
+
+def embedding_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[ids] on ids' device, for a frozen table (no gradient) that may live in pinned host memory.
+    "triton-host-gather": a CUDA kernel reads the rows from host memory (gather.py); "reference": F.embedding
+    where the table is, the rows then moved to ids' device."""
+    if use_fast_path(ids) and table.device.type == "cpu" and table.is_pinned() and table.is_contiguous():
+        from .gather import gather_rows
+
+        record("embedding_rows", "triton-host-gather")
+        return gather_rows(table, ids)
+    record("embedding_rows", REFERENCE)
+    return F.embedding(ids.to(table.device), table).to(ids.device)
 
 
 class _FrozenWeightMatmul(torch.autograd.Function):

@@ -21,6 +21,8 @@ Layout (W is (N, K), row n holds K/2 bytes; byte j holds element 2j in its high 
 * optionally, a LoRA adapter's term in the epilogue: y += scaling * h @ B.T, with h = x @ A.T (M, r) computed
   beforehand and B (N, r) read for the program's rows only (BLOCK_N x r values): an unmerged adapter costs
   its A product, not a B product plus a pointwise scale-and-add (benchmarks/gpu/NOTES.md, adapter decode).
+  The A product is `lora_down`: one program per row of A, one launch (cuBLAS took a split-K GEMM and a
+  reduction, ~5.9 us, for these 256 KB).
 
 Numerics: sum_k code[q_k] * absmax_b * x_k, all in float32, one bf16/fp16 rounding at the end. The
 reference rounds each dequantized weight to the compute dtype first, so the two differ by that weight
@@ -178,6 +180,45 @@ def _gemv_4bit_kernel(
         out.to(y_ptr.dtype.element_ty),
         mask=(rn_out[:, None] < N) & (cols[None, :] < M),
     )
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr,  # (M, K) 16-bit, row stride stride_xm
+    a_ptr,  # (R, K) lora_A weight, contiguous
+    h_ptr,  # (M, R) in x's dtype: x @ A.T, contiguous
+    M,
+    stride_xm,
+    K: tl.constexpr,  # a model's width: few values, each compiled once
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)  # one row of A: one column of h
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + row * K + rk, mask=rk < K, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        xs = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                     other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)  # fmt: skip
+        acc += tl.sum(xs * a[None, :], axis=1)
+    tl.store(h_ptr + rm * R + row, acc.to(h_ptr.dtype.element_ty), mask=rm < M)
+
+
+def lora_down(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """h = x @ A.T (M, r) for a few rows of x (decode): float32 sums, rounded once to x's dtype, as cuBLAS."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    lora_a = lora_a.contiguous()
+    m, r = x2.shape[0], lora_a.shape[0]
+    h = torch.empty((m, r), dtype=x.dtype, device=x.device)
+    with launch_device(x):
+        _lora_down_kernel[(r,)](x2, lora_a, h, m, x2.stride(0), K=k, R=r, BLOCK_M=max(2, triton.next_power_of_2(m)),
+                                BLOCK_K=1024, num_warps=4)  # fmt: skip
+    return h
 
 
 def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:

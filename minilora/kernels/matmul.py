@@ -15,7 +15,7 @@ kernel rebuilds W in the compute dtype, cuBLAS multiplies, and the temporary is 
 
 `linear_4bit` wraps the forward and its backward as torch.library custom operators (fake and autograd
 registered) so that torch.compile traces through them. `lora_linear_4bit` is decode's LoRALinear in two
-launches (inference only): h = x @ A.T by cuBLAS, then the GEMV with scaling * h @ B.T in its epilogue.
+launches (inference only): h = x @ A.T (gemv.lora_down), then the GEMV with scaling * h @ B.T in its epilogue.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..quant.state import QuantState
 from .dequant import dequantize_4bit_triton
-from .gemv import gemv_4bit, gemv_supported
+from .gemv import gemv_4bit, gemv_supported, lora_down
 from .platform import record
 from .smallm import matmul_4bit_small_m, small_m_supported
 
@@ -185,7 +185,7 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
 # ---- decode with an unmerged LoRA adapter (inference only: no autograd formula) ---------------------
 
 
-# Its arguments are matmul_4bit's (torch.library wants each spelled out), then h = x @ A.T, lora_B and scaling.
+# Its arguments are matmul_4bit's (torch.library wants each spelled out), then lora_A, lora_B and scaling.
 @torch.library.custom_op("minilora::lora_matmul_4bit", mutates_args=())
 def _lora_matmul_op(
     x: torch.Tensor,
@@ -199,16 +199,16 @@ def _lora_matmul_op(
     k: int,
     blocksize: int,
     nested_blocksize: int,
-    h: torch.Tensor,
+    lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
     state = _state_from(absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
     if x.is_cuda and uses_gemv(x, state):
         record("lora_linear_4bit", "triton-gemv-lora")
-        return gemv_4bit(x, packed, state, lora=(h, lora_b, scaling))
+        return gemv_4bit(x, packed, state, lora=(lora_down(x, lora_a), lora_b, scaling))
     y = _matmul_op(x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
-    return y + (F.linear(h, lora_b) * scaling).to(y.dtype)
+    return y + (F.linear(F.linear(x, lora_a), lora_b) * scaling).to(y.dtype)
 
 
 @_lora_matmul_op.register_fake
@@ -224,6 +224,5 @@ def lora_linear_4bit(
     lora_b: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """W x + scaling * B A x for a 4-bit W at decode: A x by cuBLAS, the rest in the GEMV's epilogue."""
-    h = F.linear(x, lora_a)  # (..., r)
-    return _lora_matmul_op(x, packed, *_op_args(state), h, lora_b, float(scaling))
+    """W x + scaling * B A x for a 4-bit W at decode: A x by lora_down, the rest in the GEMV's epilogue."""
+    return _lora_matmul_op(x, packed, *_op_args(state), lora_a, lora_b, float(scaling))

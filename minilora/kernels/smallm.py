@@ -118,11 +118,13 @@ def small_m_supported(x: torch.Tensor, state: QuantState) -> bool:
 
 
 def default_config(m: int, n: int, k: int) -> dict[str, int]:
-    """Tiles by shape, from the sweep of benchmarks/gpu/bench_small_m.py on an H100 (NOTES.md, small-M kernel):
-    64 weight rows x 64 bytes per step, 4 warps, K split in 4 (halved where K does not divide) won on all three
-    Llama-8B shapes at every M in 8..64; without the split, 14336x4096 took 1.25x longer. (The launcher halves
+    """Tiles by shape, from the sweeps of benchmarks/gpu/bench_small_m.py on an H100 (NOTES.md, small-M kernel):
+    64 weight rows x 64 bytes per step, 4 warps; K split in 8, except in 4 for a wide output (N >= 2K: enough
+    programs already) past 16 rows. On 4096x14336 and 4096x4096 the 8-way split took 0.75-0.85x the time of the
+    4-way one at every M in 8..64; on 14336x4096 it won at M <= 16 and lost at 32 and 64. (The launcher halves
     the split and the step where K does not divide.)"""
-    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "BLOCK_KB": 64, "SPLIT_K": 4,
+    split = 4 if n >= 2 * k and m > 16 else 8
+    return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "BLOCK_KB": 64, "SPLIT_K": split,
             "num_warps": 4}  # fmt: skip
 
 

@@ -34,6 +34,7 @@ class TrainConfig:
     compile_blocks: bool | None = None  # torch.compile each decoder layer; None: as `fast` decides
     cuda_graph: bool | None = None  # capture each optimizer step as a CUDA graph (CUDA only); None: auto
     packing: bool | None = None  # pack examples into rows of pack_length tokens; None: auto
+    host_embedding: bool | None = None  # keep a frozen, untied input embedding in pinned host memory; None: auto
     pack_length: int | None = None  # None: the longest example rounded up to 64 tokens
     graph_pad_multiple: int = 64  # graph without packing: pad lengths to a multiple of this
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA, float32 on CPU; "yes" / "no" to force

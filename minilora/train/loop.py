@@ -63,6 +63,7 @@ from minilora.train.lm_loss import (
     pad_micro_batches,
 )
 from minilora.train.metrics import Progress, plot_loss_curve, read_metrics, rewrite_metrics
+from minilora.train.offload import embedding_on_host
 from minilora.train.resume import find_checkpoint, restore
 from minilora.train.run import run_identity, start_fresh
 from minilora.train.run_state import RunState, adapter_parameters, new_run, seed_everything, warmup_cosine
@@ -114,7 +115,7 @@ def train(
     """
     t_start = time.perf_counter()
     adapter_parameters(model)  # refuses a model with nothing to train, before any file is written
-    plan = choose_path(model, train_examples, config)
+    plan = choose_path(model, train_examples, config, distributed=distributed is not None)
     logger.info(plan.describe())
     dist = distributed or Single()
     dist.check(plan.cuda_graph, config.cache_base_weights)
@@ -141,8 +142,7 @@ def train(
     if plan.compile_blocks:
         compile_blocks(model)
     pad_multiple = plan.pack_length or config.graph_pad_multiple  # packed rows: one static length
-    if plan.cuda_graph:
-        _capture(run, state["rng"] if state is not None else None)
+    host_embedding = embedding_on_host(model) if plan.host_embedding else nullcontext()
     weight_cache = cached_dequantize(model) if config.cache_base_weights else nullcontext()
     quiet = None if dist.is_main else (lambda line: None)  # one display: rank 0's
     progress = Progress(
@@ -153,7 +153,9 @@ def train(
         progress.describe("train (warm-up: compile + capture)")
     run.losses = [m["loss"] for m in read_metrics(run.metrics_path) if "loss" in m]
     metrics_to = run.metrics_path if dist.is_main else os.devnull
-    with weight_cache, open(metrics_to, "a", encoding="utf-8") as metrics_file:
+    with host_embedding, weight_cache, open(metrics_to, "a", encoding="utf-8") as metrics_file:
+        if plan.cuda_graph:  # inside: the graph reads the embedding where it stays for the run
+            _capture(run, state["rng"] if state is not None else None)
 
         def log(record: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(record) + "\n")
@@ -189,6 +191,7 @@ def train(
             if eval_record is not None:
                 log(eval_record)
             _checkpoint(run, metrics_file)
+        run.graphed = None  # its memory pool goes before the embedding's table returns to the card
     progress.close()
     return _finish(run, plan, start_step if ckpt is not None else None, changes)
 

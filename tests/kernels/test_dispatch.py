@@ -100,6 +100,8 @@ _INTERPRETED = textwrap.dedent(
         # with a LoRA adapter's term in the epilogue (rank 12: padded to 16 inside), against W x + s B A x
         a, b = torch.randn(12, k).half() * 0.1, torch.randn(n, 12).half()
         h = x @ a.T
+        from minilora.kernels.gemv import lora_down  # A x, one program per row of A
+        torch.testing.assert_close(lora_down(x, a).float(), (x.float() @ a.float().T).half().float(), atol=2e-3, rtol=2e-3)
         got = gemv_4bit(x, p, s, lora=(h, b, 0.5)).float()
         ref = ref + 0.5 * h.float() @ b.float().T
         assert float((got - ref).norm() / ref.norm()) < 1e-3, ((n, k), m, "lora")
@@ -116,6 +118,10 @@ _INTERPRETED = textwrap.dedent(
         ref = x.float() @ dequantize_4bit(p, s, torch.float16).float().T
         got = matmul_4bit(x, p, s).float()
         assert path_of(x, s) == path and float((got - ref).norm() / ref.norm()) < 1e-3, (m, path)
+    # the row gather of a host-memory embedding (here every tensor is on the CPU): the table's rows, bit for bit
+    from minilora.kernels.gather import gather_rows
+    table, ids = torch.randn(300, 1500).bfloat16(), torch.randint(0, 300, (3, 7))
+    assert torch.equal(gather_rows(table, ids), table[ids])
     print("interpreted kernels ok")
     """
 )
