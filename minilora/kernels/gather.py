@@ -6,8 +6,9 @@ With unified virtual addressing a pinned host tensor's pointer is valid on the G
 its rows over PCIe directly, inside a captured CUDA graph too (the ids change between replays, the table
 does not move). One program copies one row, BLOCK_C columns at a time.
 
-Measured on an H100 by a one-off probe, folded in here (benchmarks/results/probe-host-embedding-h100.json): 728 rows in 192 us, 2048 in
-547 us, bit for bit the device table's rows (10 and 18 us from device memory): ~0.2% of a training step.
+Measured on an H100 by a one-off probe, since folded in here (benchmarks/results/probe-host-embedding-h100.json):
+728 rows in 192 us, 2048 in 547 us, bit for bit the device table's rows (10 and 18 us from device
+memory): ~0.2% of a training step.
 """
 
 from __future__ import annotations

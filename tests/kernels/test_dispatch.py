@@ -101,7 +101,8 @@ _INTERPRETED = textwrap.dedent(
         a, b = torch.randn(12, k).half() * 0.1, torch.randn(n, 12).half()
         h = x @ a.T
         from minilora.kernels.gemv import lora_down  # A x, one program per row of A
-        torch.testing.assert_close(lora_down(x, a).float(), (x.float() @ a.float().T).half().float(), atol=2e-3, rtol=2e-3)
+        hx = (x.float() @ a.float().T).half().float()
+        torch.testing.assert_close(lora_down(x, a).float(), hx, atol=2e-3, rtol=2e-3)
         got = gemv_4bit(x, p, s, lora=(h, b, 0.5)).float()
         ref = ref + 0.5 * h.float() @ b.float().T
         assert float((got - ref).norm() / ref.norm()) < 1e-3, ((n, k), m, "lora")
