@@ -9,6 +9,7 @@ gets a new graph.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,17 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_graph_decoder_greedy_equals_the_reference_on_smollm2(smollm2_dir: Path, quantize) -> None:
-    """Issue 16 on a real model: the CUDA-graph path's 64 greedy tokens equal the reference loop's, in bf16
-    and NF4+DQ (real weights give peaked logits, so a kernel that rounds differently shows up as a new token)."""
+def test_on_smollm2_the_graph_is_exact_and_compiled_blocks_part_only_at_bf16_ties(smollm2_dir: Path, quantize) -> None:
+    """Issue 16 on a real model, bf16 and NF4+DQ, 64 greedy tokens.
+
+    The CUDA graph changes no bit: the graph of the eager modules (GraphDecoder(compile=False)) gives the
+    reference loop's tokens. The default graph compiles the token (norms, rotary and SwiGLU fused: float32
+    inside, one rounding), so its bf16 logits differ from the loop's in the last bit, and SmolLM2's bf16 logits
+    tie exactly (after this prompt three candidates read 21.0): a tie may break the other way. Asserted: where
+    the default path leaves the reference, the reference's own logits put the two tokens within one bf16 step.
+    (On an H100: bf16 parts at token 3 with a gap of 0.0, NF4 at token 16 with 0.0; decode-smollm2-h100.md.)
+    """
+    from minilora.decode import GraphDecoder
     from minilora.io.tokenizer import Tokenizer
     from minilora.loading import from_pretrained
 
@@ -100,4 +109,17 @@ def test_graph_decoder_greedy_equals_the_reference_on_smollm2(smollm2_dir: Path,
     prompt = Tokenizer.from_dir(smollm2_dir).encode("The three primary colors are")
     ref = generate(model, prompt, SamplingConfig(max_new_tokens=64, fast=False))
     assert len(ref) == 64 and len(set(ref)) > 8  # a real continuation, not one token repeated
-    assert generate(model, prompt, SamplingConfig(max_new_tokens=64)) == ref
+    decoder = GraphDecoder(model, batch_size=1, max_len=256, compile=False)
+    logits, graph_tokens = decoder.prefill(torch.tensor([prompt], device="cuda")), []
+    for _ in range(64):
+        graph_tokens.append(int(logits.argmax(-1)))
+        logits = decoder.step(logits.argmax(-1))
+    assert graph_tokens == ref
+    fast = generate(model, prompt, SamplingConfig(max_new_tokens=64))
+    i = next((i for i, (a, b) in enumerate(zip(fast, ref, strict=True)) if a != b), None)
+    if i is not None:
+        with torch.no_grad():
+            last = model(torch.tensor([prompt + ref[:i]], device="cuda"))[0, -1].float()  # (V,)
+        gap = float(last[ref[i]] - last[fast[i]])
+        one_step = 2.0 ** (math.floor(math.log2(abs(float(last[ref[i]])))) - 7)  # bf16: 8 significant bits
+        assert 0.0 <= gap <= one_step, (i, gap, one_step)

@@ -83,17 +83,18 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 _WORD_DTYPES = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _state_pointers(state: QuantState, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(absmax, code, nested_absmax, code8, offset) as contiguous device tensors; dummies without nesting."""
+def _weight_pointers(packed: torch.Tensor, state: QuantState, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The 4-bit kernels' weight arguments: (packed flat, absmax, code, nested_absmax, code8, offset) as contiguous
+    device tensors; dummies without nesting."""
     absmax = state.absmax.reshape(-1).contiguous()
     code = state.code.to(device=device, dtype=torch.float32).contiguous()
     if state.state2 is None:
-        return absmax, code, absmax, code, absmax
+        return packed.reshape(-1), absmax, code, absmax, code, absmax
     assert state.offset is not None, "double-quantized state without offset"
     nested = state.state2.absmax.to(device=device, dtype=torch.float32).contiguous()
     code8 = state.state2.code.to(device=device, dtype=torch.float32).contiguous()
     offset = state.offset.to(device=device, dtype=torch.float32).reshape(1)
-    return absmax, code, nested, code8, offset
+    return packed.reshape(-1), absmax, code, nested, code8, offset
 
 
 def dequantize_4bit_triton(
@@ -113,19 +114,13 @@ def dequantize_4bit_triton(
     assert out.is_contiguous() and out.numel() == n and out.dtype == dtype, "bad output buffer"
     # The kernel writes one word per packed byte (two outputs). An odd count writes into a scratch of n + 1.
     target = out.reshape(-1) if n % 2 == 0 else torch.empty(n + 1, dtype=dtype, device=packed.device)
-    absmax, code, nested, code8, offset = _state_pointers(state, packed.device)
     half = state.blocksize // 2
     nb = max(1, TILE_BYTES // half)
     n_blocks = state.n_blocks
     grid = (triton.cdiv(n_blocks, nb),)
     with launch_device(packed):
         _dequantize_4bit_kernel[grid](
-            packed.reshape(-1),
-            absmax,
-            code,
-            nested,
-            code8,
-            offset,
+            *_weight_pointers(packed, state, packed.device),
             target.view(_WORD_DTYPES[dtype]),
             (n + 1) // 2,
             n_blocks,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..quant.state import QuantState
-from .dequant import _state_pointers
+from .dequant import _weight_pointers
 from .platform import launch_device, triton_interpreted
 
 # Largest M served by this kernel (BLOCK_M = next power of two of M, unrolled inside the kernel).
@@ -281,7 +281,6 @@ def gemv_4bit(
         assert lora_b.shape == (n, r), (tuple(lora_b.shape), n, r)
     else:
         h, lora_b, scaling, r = y, y, 0.0, 1  # unused pointers
-    absmax, code, nested, code8, offset = _state_pointers(state, x.device)
     cfg = dict(config or default_config(m, n, k))
     half_k, half_bs = k // 2, state.blocksize // 2
     chunk = min(32, half_bs)
@@ -294,12 +293,7 @@ def gemv_4bit(
     with launch_device(x):
         _gemv_4bit_kernel[grid](
             words,
-            packed.reshape(-1),
-            absmax,
-            code,
-            nested,
-            code8,
-            offset,
+            *_weight_pointers(packed, state, x.device),
             y,
             h,
             lora_b,

@@ -61,8 +61,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
 # ---- torch.library custom ops: what torch.compile sees ---------------------------------------------
 # The 4-bit linear is registered as an operator with a fake (shape-only) implementation and an autograd
 # formula, so Dynamo traces a model through it without a graph break: the Triton launch happens inside
-# the operator, opaque to the compiler. A QuantState is not a tensor: it travels as its tensors plus
-# integers. Off CUDA the operators run the plain-PyTorch reference.
+# the operator, opaque to the compiler. A QuantState is not a tensor: each operator spells out _state_from's
+# arguments, its tensors and integers (torch.library wants each typed). Off CUDA they run the reference.
 
 
 def _state_from(

@@ -27,14 +27,14 @@ import triton
 import triton.language as tl
 
 from ..quant.state import QuantState
-from .dequant import _state_pointers
+from .dequant import _weight_pointers
 from .gemv import _lookup, x_words
 from .platform import launch_device, triton_interpreted
 
 SMALL_M_MAX = 64  # rows of x this kernel takes (BLOCK_M = 16, 32 or 64)
 
 
-# The pointer arguments are gemv.py's kernel's, in its order (one launch convention for the 4-bit kernels).
+# gemv.py's kernel's arguments in its order, less LoRA's and stride_ym, plus SPLIT_K (one launch convention).
 @triton.jit
 def _small_m_4bit_kernel(
     x_ptr,  # (M, K/2) int32 words: two 16-bit inputs each; row stride stride_xw (in words)
@@ -149,17 +149,11 @@ def matmul_4bit_small_m(
     assert (half_k // split) % block_kb == 0 and block_kb % chunk == 0 and block_kb >= 16, (half_k, block_kb, chunk)
     out = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)  # fmt: skip
-    absmax, code, nested, code8, offset = _state_pointers(state, x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    with launch_device(x):  # the state's pointers go in as to dequant.py's and gemv.py's kernels
+    with launch_device(x):
         _small_m_4bit_kernel[grid](
             words,
-            packed.reshape(-1),
-            absmax,
-            code,
-            nested,
-            code8,
-            offset,
+            *_weight_pointers(packed, state, x.device),
             out,
             m,
             n,

@@ -191,7 +191,8 @@ def train(
             if eval_record is not None:
                 log(eval_record)
             _checkpoint(run, metrics_file)
-        run.graphed = None  # its memory pool goes before the embedding's table returns to the card
+        if plan.host_embedding:  # the table returns to the card: first free what only the steps needed
+            release_step_memory(run)
     progress.close()
     return _finish(run, plan, start_step if ckpt is not None else None, changes)
 
@@ -298,6 +299,15 @@ def _checkpoint(run: RunState, metrics_file: Any) -> None:
                 extra_rng,
             )
         )
+
+
+def release_step_memory(run: RunState) -> None:
+    """After the last step (checkpointed): drop the step's CUDA graph, optimizer state and gradients, so that the
+    input embedding coming back from host memory does not raise the run's peak (it would by 0.46 GB at 8B)."""
+    run.graphed = None
+    run.optimizer.state.clear()
+    for p in run.params:
+        p.grad = None
 
 
 def _finish(run: RunState, plan: Any, resumed_from: int | None, changes: list[str]) -> TrainResult:
