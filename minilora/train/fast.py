@@ -76,8 +76,8 @@ def choose_path(
 
     device = next(model.parameters()).device
     path = TrainPath()
-    wants = {"compile_blocks": config.compile_blocks, "cuda_graph": config.cuda_graph, "packing": config.packing}
-    wants["host_embedding"] = config.host_embedding
+    wants = {"compile_blocks": config.compile_blocks, "cuda_graph": config.cuda_graph, "packing": config.packing,
+             "host_embedding": config.host_embedding}  # fmt: skip
     auto = config.fast
     if not config.fast:
         path.refused.append("fast=False")

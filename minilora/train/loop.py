@@ -154,7 +154,7 @@ def train(
     run.losses = [m["loss"] for m in read_metrics(run.metrics_path) if "loss" in m]
     metrics_to = run.metrics_path if dist.is_main else os.devnull
     with host_embedding, weight_cache, open(metrics_to, "a", encoding="utf-8") as metrics_file:
-        if plan.cuda_graph:  # inside: the graph reads the embedding where it stays for the run
+        if plan.cuda_graph:  # after the swap: the step object sees the model's parameters as they stay for the run
             _capture(run, state["rng"] if state is not None else None)
 
         def log(record: dict[str, Any]) -> None:
