@@ -20,13 +20,16 @@ launches (inference only): h = x @ A.T (gemv.lora_down), then the GEMV with scal
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ..quant.state import QuantState
 from .dequant import dequantize_4bit_triton
 from .gemv import gemv_4bit, gemv_supported, lora_down
-from .platform import record
+from .gemv_mma import gemv_4bit_mma, mma_supported, prepared
+from .platform import record, triton_interpreted
 from .smallm import matmul_4bit_small_m, small_m_supported
 
 # Largest M that takes the GEMV decode kernel (gemv.py); above it, dequantize + cuBLAS.
@@ -52,10 +55,23 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
     """x @ W.T on the GPU: the GEMV kernel, the small-M kernel, or the dequantize kernel and cuBLAS (path_of)."""
     path = record("linear_4bit", path_of(x, state))
     if path == "triton-gemv":
-        return gemv_4bit(x, packed, state)
+        return gemv(x, packed, state)
     if path == "triton-small-m":
         return matmul_4bit_small_m(x, packed, state)
     return F.linear(x, dequantize_4bit_triton(packed, state, x.dtype))
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora: tuple | None = None) -> torch.Tensor:
+    """The decode GEMV: gemv_mma.py's tensor-core kernel where the shape allows and its weight layout exists or
+    can be built (not inside a CUDA graph capture), else gemv.py's. `last_implementation("gemv_4bit")` says which;
+    MINILORA_GEMV_MMA=0 keeps gemv.py's (the mma kernel holds a reordered copy of each weight it reads)."""
+    use_mma = mma_supported(x, state) and not triton_interpreted() and os.environ.get("MINILORA_GEMV_MMA", "1") != "0"
+    prep = prepared(packed, state) if use_mma else None
+    if prep is not None:
+        record("gemv_4bit", "mma")
+        return gemv_4bit_mma(x, packed, state, lora=lora, prep=prep)
+    record("gemv_4bit", "fma")
+    return gemv_4bit(x, packed, state, lora=lora)
 
 
 # ---- torch.library custom ops: what torch.compile sees ---------------------------------------------
@@ -206,7 +222,7 @@ def _lora_matmul_op(
     state = _state_from(absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
     if x.is_cuda and uses_gemv(x, state):
         record("lora_linear_4bit", "triton-gemv-lora")
-        return gemv_4bit(x, packed, state, lora=(lora_down(x, lora_a), lora_b, scaling))
+        return gemv(x, packed, state, lora=(lora_down(x, lora_a), lora_b, scaling))
     y = _matmul_op(x, packed, absmax, code, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize)
     return y + (F.linear(F.linear(x, lora_a), lora_b) * scaling).to(y.dtype)
 

@@ -208,3 +208,56 @@ def test_small_m_kernel_is_the_reference_product(
             y = matmul_4bit_small_m(x, packed, state, cfg)
             assert y.shape == (m, n) and y.dtype == dtype
             assert _rel(y, expected) < (4e-3 if dtype == torch.bfloat16 else 1e-3), (dtype, cfg)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize(
+    "n, k, blocksize, double_quant, quant_type",
+    [(4096, 4096, 64, True, "nf4"), (1024, 1536, 64, False, "fp4"), (320, 2048, 256, True, "nf4"),
+     (48, 192, 64, True, "fp4")],
+)  # fmt: skip
+def test_gemv_mma_matches_reference(
+    m: int, n: int, k: int, blocksize: int, double_quant: bool, quant_type: str
+) -> None:
+    """The tensor-core register-decode GEMV (gemv_mma.py): the PTX step on the device, every warp count that
+    divides K, against the float32 product with the reference weight, with and without an adapter's term."""
+    from minilora.kernels import gemv_mma
+
+    torch.manual_seed(m * 5 + n)
+    packed, state = quantize_4bit(torch.randn(n, k, device="cuda") * 0.05, blocksize, quant_type, double_quant)
+    w_ref = dequantize_4bit(packed, state, torch.float32)
+    for dtype, tol in ((torch.bfloat16, 4e-3), (torch.float16, 1e-3)):
+        x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)[:, ::2]
+        assert gemv_mma.mma_supported(x, state)
+        exact = x.float() @ w_ref.T
+        for warps in [w for w in (1, 2, 4, 8, 16) if (k // 64) % w == 0]:
+            y = gemv_mma.gemv_4bit_mma(x, packed, state, warps=warps)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert _rel(y, exact) < tol, (dtype, m, warps)
+        a, b = torch.randn(12, k, device="cuda", dtype=dtype) * 0.1, torch.randn(n, 12, device="cuda", dtype=dtype)
+        h = x @ a.T
+        y = gemv_mma.gemv_4bit_mma(x, packed, state, lora=(h, b, 0.5))
+        assert _rel(y, exact + 0.5 * h.float() @ b.float().T) < tol, (dtype, m, "lora")
+
+
+def test_gemv_dispatch_takes_mma_and_falls_back_inside_a_capture() -> None:
+    """matmul_4bit at decode runs the mma kernel once the weight's layout exists; a weight first met inside a CUDA
+    graph capture (no layout, none can be built there) runs gemv.py's kernel, and both give the product."""
+    from minilora.kernels.matmul import matmul_4bit
+
+    torch.manual_seed(1)
+    packed, state = quantize_4bit(torch.randn(512, 1024, device="cuda") * 0.05, 64, "nf4", True)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    exact = x.float() @ dequantize_4bit(packed, state, torch.float32).T
+    y = matmul_4bit(x, packed, state)
+    assert last_implementation("gemv_4bit") == "mma" and _rel(y, exact) < 4e-3
+    other, state2 = quantize_4bit(torch.randn(512, 1024, device="cuda") * 0.05, 64, "nf4", True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = matmul_4bit(x, other, state2)
+    assert last_implementation("gemv_4bit") == "fma"
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel(out, x.float() @ dequantize_4bit(other, state2, torch.float32).T) < 4e-3
