@@ -119,6 +119,17 @@ _INTERPRETED = textwrap.dedent(
         ref = x.float() @ dequantize_4bit(p, s, torch.float16).float().T
         got = matmul_4bit(x, p, s).float()
         assert path_of(x, s) == path and float((got - ref).norm() / ref.norm()) < 1e-3, (m, path)
+    # the tensor-core GEMV's plain-Triton twin of its PTX step (gemv_mma.py): layout, absmax, warps, epilogue
+    from minilora.kernels.gemv_mma import gemv_4bit_mma
+    for (n, k), bs, qt, dq, m, w in [((32, 256), 64, "nf4", True, 1, 4), ((16, 512), 128, "fp4", False, 3, 2),
+                                     ((48, 1024), 256, "nf4", True, 8, None)]:
+        p, s = quantize_4bit(torch.randn(n, k), bs, qt, dq)
+        x = torch.randn(m, k).half()
+        ref = x.float() @ dequantize_4bit(p, s, torch.float32).T
+        a, b = torch.randn(12, k).half() * 0.1, torch.randn(n, 12).half()
+        for lora, want in ((None, ref), ((x @ a.T, b, 0.5), ref + 0.5 * (x @ a.T).float() @ b.float().T)):
+            got = gemv_4bit_mma(x, p, s, lora=lora, warps=w).float()
+            assert got.shape == (m, n) and float((got - want).norm() / want.norm()) < 1e-3, ((n, k), m, lora is None)
     # the row gather of a host-memory embedding (here every tensor is on the CPU): the table's rows, bit for bit
     from minilora.kernels.gather import gather_rows
     table, ids = torch.randn(300, 1500).bfloat16(), torch.randint(0, 300, (3, 7))
