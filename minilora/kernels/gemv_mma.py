@@ -30,6 +30,10 @@ Fragment layout (PTX ISA, mma.m16n8k16 with 16-bit A/B): lane L = 4q + t holds A
 kernel's tensors are (W x 32, 4): thread, register: the layout Triton gives a (W x 32, 4) tensor over W
 warps (checked from its TTGIR when the kernel was written; the GPU tests would fail otherwise).
 
+Status: opt-in (MINILORA_GEMV_MMA=1, kernels/matmul.py `gemv`): written and checked without a GPU (the session's
+device loans were paused); the GPU tests (tests/kernels/test_gpu.py, "mma") and benchmarks/gpu/bench_gemv_mma.py
+are what decide whether it becomes the default.
+
 Triton's CPU interpreter cannot run PTX: with ASM off the kernel computes the same step sum directly from the
 reordered bytes and x (the layout, the indexing, the absmax and the epilogue are what it checks there).
 """

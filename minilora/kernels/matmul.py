@@ -62,10 +62,13 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tor
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora: tuple | None = None) -> torch.Tensor:
-    """The decode GEMV: gemv_mma.py's tensor-core kernel where the shape allows and its weight layout exists or
-    can be built (not inside a CUDA graph capture), else gemv.py's. `last_implementation("gemv_4bit")` says which;
-    MINILORA_GEMV_MMA=0 keeps gemv.py's (the mma kernel holds a reordered copy of each weight it reads)."""
-    use_mma = mma_supported(x, state) and not triton_interpreted() and os.environ.get("MINILORA_GEMV_MMA", "1") != "0"
+    """The decode GEMV: gemv.py's kernel; with MINILORA_GEMV_MMA=1, gemv_mma.py's tensor-core kernel where the
+    shape allows and its weight layout exists or can be built (not inside a CUDA graph capture).
+    `last_implementation("gemv_4bit")` says which ran: "mma" or "fma".
+
+    The mma kernel is opt-in until it has run on a GPU: it was written in a session without one, and is checked
+    on the CPU only (its PTX by an emulator, the rest by Triton's interpreter; benchmarks/gpu/NOTES.md, v3)."""
+    use_mma = os.environ.get("MINILORA_GEMV_MMA", "0") == "1" and mma_supported(x, state) and not triton_interpreted()
     prep = prepared(packed, state) if use_mma else None
     if prep is not None:
         record("gemv_4bit", "mma")

@@ -240,10 +240,18 @@ def test_gemv_mma_matches_reference(
         assert _rel(y, exact + 0.5 * h.float() @ b.float().T) < tol, (dtype, m, "lora")
 
 
-def test_gemv_dispatch_takes_mma_and_falls_back_inside_a_capture() -> None:
-    """matmul_4bit at decode runs the mma kernel once the weight's layout exists; a weight first met inside a CUDA
-    graph capture (no layout, none can be built there) runs gemv.py's kernel, and both give the product."""
+def test_gemv_dispatch_takes_mma_and_falls_back_inside_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MINILORA_GEMV_MMA=1, matmul_4bit at decode runs the mma kernel once the weight's layout exists; a weight
+    first met inside a CUDA graph capture (no layout can be built there) runs gemv.py's kernel; both give the
+    product. Without the switch, gemv.py's kernel."""
     from minilora.kernels.matmul import matmul_4bit
+
+    monkeypatch.setenv("MINILORA_GEMV_MMA", "0")
+    torch.manual_seed(2)
+    p0, s0 = quantize_4bit(torch.randn(256, 512, device="cuda") * 0.05, 64, "nf4", True)
+    matmul_4bit(torch.randn(1, 512, device="cuda", dtype=torch.bfloat16), p0, s0)
+    assert last_implementation("gemv_4bit") == "fma"
+    monkeypatch.setenv("MINILORA_GEMV_MMA", "1")
 
     torch.manual_seed(1)
     packed, state = quantize_4bit(torch.randn(512, 1024, device="cuda") * 0.05, 64, "nf4", True)
