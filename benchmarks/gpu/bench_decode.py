@@ -65,6 +65,31 @@ def graph_time(fns: list, reps: int = 1) -> float:
     return t / (reps * len(fns))
 
 
+def copy_bandwidth() -> float:
+    """The card's copy bandwidth in TB/s (a 1 GiB device-to-device copy, read + write): the floors' yardstick."""
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (bench_us(lambda: dst.copy_(src)) * 1e-6) / 1e12
+
+
+def nf4_copies(n: int, k: int) -> dict:
+    """An (n, k) NF4+DQ weight quantized by minilora and by bitsandbytes, the float32 reference weight, its bytes,
+    and enough copies of both packed weights (> 150 MB, 3x the L2) that a graph cycling through them reads HBM."""
+    import bitsandbytes.functional as bnbF
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = quantize_4bit(w, 64, "nf4", True)
+    bpacked, bqs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    nbytes = packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel()
+    copies = max(2, min(16, math.ceil(150e6 / nbytes)))
+    return {
+        "packed": packed, "state": state, "bpacked": bpacked, "bqs": bqs, "nbytes": nbytes,
+        "w_ref": dequantize_4bit(packed, state, torch.float32),
+        "packs": [packed] + [packed.clone() for _ in range(copies - 1)],
+        "bpacks": [bpacked] + [bpacked.clone() for _ in range(copies - 1)],
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -75,10 +100,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     env = environment()
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_tbs = 2 * src.numel() * 2 / (bench_us(lambda: dst.copy_(src)) * 1e-6) / 1e12
-    src = dst = None
+    copy_tbs = copy_bandwidth()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
     record: dict = {"env": env, "copy_TBps": copy_tbs, "sweep": [], "decode": [], "errors": []}
 

@@ -13,18 +13,16 @@ bytes + absmax codes + nested absmax at the copy bandwidth measured in the same 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from benchmarks.gpu.bench_decode import graph_time
+from benchmarks.gpu.bench_decode import copy_bandwidth, graph_time, nf4_copies
 from benchmarks.gpu.bench_kernels import rel_err
-from benchmarks.harness import bench_us, environment, hardware_tag, md_table, write_results
+from benchmarks.harness import environment, hardware_tag, md_table, write_results
 from minilora.kernels import gemv as kgemv
-from minilora.kernels import gemv_mma, quantize_4bit
+from minilora.kernels import gemv_mma
 from minilora.kernels.matmul import matmul_4bit
-from minilora.quant import dequantize_4bit
 
 SHAPES = {
     "14336x4096": (14336, 4096),
@@ -39,26 +37,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
 
     torch.manual_seed(0)
     env = environment()
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_tbs = 2 * src.numel() * 2 / (bench_us(lambda: dst.copy_(src)) * 1e-6) / 1e12
-    src = dst = None
+    copy_tbs = copy_bandwidth()
     print(f"copy bandwidth {copy_tbs:.2f} TB/s", flush=True)
     table, rows, errors = [], [], []
     for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, state = quantize_4bit(w, 64, "nf4", True)
-        bpacked, bqs = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        w_ref = dequantize_4bit(packed, state, torch.float32)
-        nbytes = packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel()
-        floor_us = nbytes / (copy_tbs * 1e12) * 1e6
-        copies = max(2, min(16, math.ceil(150e6 / nbytes)))
-        packs = [packed] + [packed.clone() for _ in range(copies - 1)]
-        bpacks = [bpacked] + [bpacked.clone() for _ in range(copies - 1)]
+        c = nf4_copies(n, k)
+        packed, state, bpacked, bqs, w_ref = c["packed"], c["state"], c["bpacked"], c["bqs"], c["w_ref"]
+        packs, bpacks = c["packs"], c["bpacks"]
+        floor_us = c["nbytes"] / (copy_tbs * 1e12) * 1e6
         preps = [gemv_mma.prepared(p, state) for p in packs]
         for m in (1, 2, 4, 8):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -101,7 +90,7 @@ def main() -> None:
                     "unit": "us per call (ratio = bitsandbytes / minilora)",
                 }
             )
-        w = w_ref = packed = bpacked = packs = bpacks = preps = None
+        c = w_ref = packed = bpacked = packs = bpacks = preps = None
         gemv_mma._layouts.clear()
         torch.cuda.empty_cache()
     record = {"env": env, "copy_TBps": copy_tbs, "table": table, "rows": rows, "errors": errors}
