@@ -4,7 +4,8 @@
 Issue-bound kernels (gemv.py's, benchmarks/gpu/NOTES.md) are predicted from this count before a device call:
 time ~ warp instructions / (SMs x IPC x clock). Both kernels are compiled as the dispatch launches them for
 14336x4096 NF4+DQ at M = 1 (the divisibility hints Triton's launcher would give: 16 for every pointer and the
-strides). One step of either loop covers 16 packed bytes (32 weights) per thread.
+strides). One step covers 16 packed bytes (32 weights) per thread; gemv_mma's loop runs two steps a trip, so its
+counts are halved to compare.
 
     python3 -m benchmarks.gpu.sass_loop --out benchmarks/results      (needs `triton`, no GPU)
 """
@@ -100,7 +101,7 @@ def kernels() -> dict[str, dict]:
         4,
         POINTERS + ["w_ptr", "x_ptr", "code16_ptr", "stride_xw", "stride_ym", "stride_hm"],
     )
-    return {"gemv.py (v1, fma)": v1, "gemv_mma.py (v3, mma)": v3}
+    return {"gemv.py (v1, fma)": (v1, 1), "gemv_mma.py (v3, mma)": (v3, 2)}  # (compiled, steps per loop trip)
 
 
 def main() -> None:
@@ -109,11 +110,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     rows, record = [], {"env": environment(device="cpu"), "kernels": {}}
-    for name, out in kernels().items():
+    for name, (out, steps) in kernels().items():
         loop = loops(out["sass"])[0]
-        total = sum(loop.values())
+        total = sum(loop.values()) / steps
         record["kernels"][name] = {"loop_instructions": total, "by_opcode": dict(loop.most_common())}
-        top = ", ".join(f"{k} {v}" for k, v in loop.most_common(8))
+        top = ", ".join(f"{k} {v / steps:g}" for k, v in loop.most_common(8))
         rows.append([name, total, total / 32, top])
     v1, v3 = (record["kernels"][k]["loop_instructions"] for k in record["kernels"])
     md = "\n".join([

@@ -147,40 +147,115 @@ def _gemv_mma_kernel(
     x_row = tl.minimum(q, M - 1)  # B's column q is x's row q
     # B's registers for the step's 4 mma: words t, t+4, ..., t+28 of the step (k pairs 2t and 2t+8 of each 16)
     x_off = x_row * stride_xw + wi * 32 + t + 4 * reg  # (T, 4); +16 for the thread's other 4 words
-    if ASM:
-        th = tl.where(reg == 0, th0, tl.where(reg == 1, th1, tl.where(reg == 2, th2, th3)))
-        tlo = tl.where(reg == 0, tl0, tl.where(reg == 1, tl1, tl.where(reg == 2, tl2, tl3)))
-        th = tl.broadcast_to(th, (W * 32, 4))
-        tlo = tl.broadcast_to(tlo, (W * 32, 4))
+    th = tl.where(reg == 0, th0, tl.where(reg == 1, th1, tl.where(reg == 2, th2, th3)))  # the PTX's tables
+    tlo = tl.where(reg == 0, tl0, tl.where(reg == 1, tl1, tl.where(reg == 2, tl2, tl3)))
+    th = tl.broadcast_to(th, (W * 32, 4))
+    tlo = tl.broadcast_to(tlo, (W * 32, 4))
     acc = tl.zeros((W * 32, 4), dtype=tl.float32)
-    nxt_w = tl.load(w_ptr + w_off)
-    nxt_xa = tl.load(x_ptr + x_off)
-    nxt_xb = tl.load(x_ptr + x_off + 16)
-    for it in range(0, S // W):
-        words, xa, xb = nxt_w, nxt_xa, nxt_xb
-        if it + 1 < S // W:  # the next step's loads before this step's work
-            nxt_w = tl.load(w_ptr + w_off + (it + 1) * (W * 128))
-            nxt_xa = tl.load(x_ptr + x_off + (it + 1) * (W * 32))
-            nxt_xb = tl.load(x_ptr + x_off + (it + 1) * (W * 32) + 16)
-        step = it * W + wi  # (T, 1)
-        if ASM:
-            d = tl.inline_asm_elementwise(
-                _ASM_F16 if F16 else _ASM_BF16,
-                _CONSTRAINTS,
-                [words, xa, xb, th, tlo],
-                dtype=tl.float32,
-                is_pure=True,
-                pack=4,
-            )
-        else:
-            d = _step_sum(w_ptr, x_ptr, code16_ptr, g, step, row, t, reg, M, stride_xw, S, F16)
-        blk = row * (K // BS) + (step * STEP_K) // BS  # (T, 4)
-        if NESTED:
-            qa = tl.load(absmax_ptr + blk).to(tl.int32)
-            absmax = tl.load(code8_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + blk)
-        acc += d * absmax
+    n_it: tl.constexpr = S // W
+    # Two steps per trip, each step's loads issued before the other's work: no registers rotate between trips.
+    wa = tl.load(w_ptr + w_off)
+    xaa = tl.load(x_ptr + x_off)
+    xba = tl.load(x_ptr + x_off + 16)
+    for it in range(0, n_it - 1, 2):
+        wb = tl.load(w_ptr + w_off + (it + 1) * (W * 128))
+        xab = tl.load(x_ptr + x_off + (it + 1) * (W * 32))
+        xbb = tl.load(x_ptr + x_off + (it + 1) * (W * 32) + 16)
+        acc += _step(
+            wa,
+            xaa,
+            xba,
+            th,
+            tlo,
+            it,
+            wi,
+            W,
+            w_ptr,
+            x_ptr,
+            code16_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            code8_ptr,
+            offset_ptr,
+            g,
+            row,
+            t,
+            reg,
+            M,
+            stride_xw,
+            S,
+            K,
+            BS,
+            NESTED,
+            NESTED_BS,
+            F16,
+            ASM,
+        )
+        if it + 2 < n_it:
+            wa = tl.load(w_ptr + w_off + (it + 2) * (W * 128))
+            xaa = tl.load(x_ptr + x_off + (it + 2) * (W * 32))
+            xba = tl.load(x_ptr + x_off + (it + 2) * (W * 32) + 16)
+        acc += _step(
+            wb,
+            xab,
+            xbb,
+            th,
+            tlo,
+            it + 1,
+            wi,
+            W,
+            w_ptr,
+            x_ptr,
+            code16_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            code8_ptr,
+            offset_ptr,
+            g,
+            row,
+            t,
+            reg,
+            M,
+            stride_xw,
+            S,
+            K,
+            BS,
+            NESTED,
+            NESTED_BS,
+            F16,
+            ASM,
+        )
+    if n_it % 2:  # an odd count: the last step, loaded by the last trip (or before the loop)
+        acc += _step(
+            wa,
+            xaa,
+            xba,
+            th,
+            tlo,
+            n_it - 1,
+            wi,
+            W,
+            w_ptr,
+            x_ptr,
+            code16_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            code8_ptr,
+            offset_ptr,
+            g,
+            row,
+            t,
+            reg,
+            M,
+            stride_xw,
+            S,
+            K,
+            BS,
+            NESTED,
+            NESTED_BS,
+            F16,
+            ASM,
+        )
 
     acc = tl.reshape(acc, (W, 32, 4))
     out = tl.sum(acc, axis=0)  # (32, 4): the warps' parts of K
@@ -195,6 +270,59 @@ def _gemv_mma_kernel(
         h = tl.load(h_ptr + tl.minimum(ms, M - 1)[:, :, None] * stride_hm + rr, mask=ok, other=0.0).to(tl.float32)
         out += tl.sum(b * h, axis=2) * scaling
     tl.store(y_ptr + ms * stride_ym + rows, out.to(y_ptr.dtype.element_ty), mask=ms < M)
+
+
+@triton.jit
+def _step(
+    words,
+    xa,
+    xb,
+    th,
+    tlo,
+    it,
+    wi,
+    W: tl.constexpr,
+    w_ptr,
+    x_ptr,
+    code16_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    code8_ptr,
+    offset_ptr,
+    g,
+    row,
+    t,
+    reg,
+    M,
+    stride_xw,
+    S: tl.constexpr,
+    K: tl.constexpr,
+    BS: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BS: tl.constexpr,
+    F16: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Step it * W + wi of the thread's 4 registers: the block sums (the PTX, or its plain twin) times the absmax."""
+    step = it * W + wi  # (T, 1)
+    if ASM:
+        d = tl.inline_asm_elementwise(
+            _ASM_F16 if F16 else _ASM_BF16,
+            _CONSTRAINTS,
+            [words, xa, xb, th, tlo],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        d = _step_sum(w_ptr, x_ptr, code16_ptr, g, step, row, t, reg, M, stride_xw, S, F16)
+    blk = row * (K // BS) + (step * STEP_K) // BS  # (T, 4)
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk).to(tl.int32)
+        absmax = tl.load(code8_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blk)
+    return d * absmax
 
 
 @triton.jit
