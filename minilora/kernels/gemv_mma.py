@@ -3,7 +3,8 @@ registers and the products on tensor cores.
 
 Why: gemv.py's kernel spends ~8 instructions per weight element (a byte extract, two nibble masks, two 64-bit
 table addresses and two L1 gathers per byte, the x unpack, the FMAs and the sums): it is bound by issuing them,
-at 27-35% of the read floor on an H100 (benchmarks/gpu/NOTES.md). Here one element costs ~3:
+at 27-35% of the read floor on an H100 (benchmarks/gpu/NOTES.md). Here a weight costs ~4.8 (SASS counted by
+benchmarks/gpu/sass_loop.py; gemv.py: 8.1):
 
 * the code table lives in registers as byte planes. Each 16-bit code (the table rounded to x's dtype) is a high
   byte H and a low byte L; TH0..TH3 hold H of codes 0-3, 4-7, 8-11, 12-15, TL0..TL3 the low bytes. PTX `prmt`
