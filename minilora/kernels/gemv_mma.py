@@ -390,8 +390,9 @@ def plane_words(code: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
 
 
 # One reordered copy per weight, built outside any CUDA graph capture (the decoder's warm-up): keyed by the
-# packed tensor's address, valid while that tensor lives (a weak reference), so a freed address is never reused.
-_layouts: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, dict]] = {}
+# packed tensor's address, valid while that tensor lives (a weak reference: a freed address is never reused)
+# and is not written in place (its version counter).
+_layouts: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor, dict, int]] = {}
 
 
 def prepared(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, dict] | None:
@@ -399,7 +400,8 @@ def prepared(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, dic
     and the layout does not exist yet (the caller then runs gemv.py's kernel)."""
     key = (packed.data_ptr(), packed.device.index or 0)
     hit = _layouts.get(key)
-    if hit is not None and hit[0]() is not None and hit[1].numel() * 8 == state.numel:
+    # the same live tensor, unchanged since (an in-place write, e.g. load_state_dict, bumps its version)
+    if hit is not None and hit[0]() is not None and hit[3] == packed._version and hit[1].numel() * 8 == state.numel:
         return hit[1], hit[2]
     if packed.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
@@ -409,7 +411,7 @@ def prepared(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, dic
     words = mma_layout_of(packed, n, k)
     tables = {dt: plane_words(state.code, dt) for dt in (torch.bfloat16, torch.float16)}
     tables["code16"] = {dt: state.code.to(packed.device, torch.float32).to(dt).float() for dt in tables}
-    _layouts[key] = (weakref.ref(packed), words, tables)
+    _layouts[key] = (weakref.ref(packed), words, tables, packed._version)
     return words, tables
 
 

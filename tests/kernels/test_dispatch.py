@@ -130,6 +130,14 @@ _INTERPRETED = textwrap.dedent(
         for lora, want in ((None, ref), ((x @ a.T, b, 0.5), ref + 0.5 * (x @ a.T).float() @ b.float().T)):
             got = gemv_4bit_mma(x, p, s, lora=lora, warps=w).float()
             assert got.shape == (m, n) and float((got - want).norm() / want.norm()) < 1e-3, ((n, k), m, lora is None)
+    # its reordered copy of a weight follows an in-place write of that weight (load_state_dict copies in place)
+    p, s = quantize_4bit(torch.randn(32, 256), 64, "nf4", False)
+    x = torch.randn(1, 256).half()
+    gemv_4bit_mma(x, p, s)
+    p2, s2 = quantize_4bit(torch.randn(32, 256), 64, "nf4", False)
+    p.copy_(p2), s.absmax.copy_(s2.absmax)
+    ref = x.float() @ dequantize_4bit(p, s, torch.float32).T
+    assert float((gemv_4bit_mma(x, p, s).float() - ref).norm() / ref.norm()) < 1e-3, "stale mma layout"
     # the row gather of a host-memory embedding (here every tensor is on the CPU): the table's rows, bit for bit
     from minilora.kernels.gather import gather_rows
     table, ids = torch.randn(300, 1500).bfloat16(), torch.randint(0, 300, (3, 7))
