@@ -255,6 +255,21 @@ def default_config(m: int, n: int, k: int) -> dict[str, int]:
     return {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_KB": block_kb, "num_warps": 4}
 
 
+def lora_arguments(lora: tuple[torch.Tensor, torch.Tensor, float] | None, y: torch.Tensor) -> tuple:
+    """The epilogue's (h (M, r), B (N, r), scaling, r) for an (M, N) output y, kernel-ready; without an adapter,
+    y as unused pointers."""
+    if lora is None:
+        return y, y, 0.0, 1
+    h, lora_b, scaling = lora
+    (m, n), r = y.shape, lora_b.shape[1]
+    h = h.reshape(m, r)
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    lora_b = lora_b.contiguous()
+    assert lora_b.shape == (n, r), (tuple(lora_b.shape), n, r)
+    return h, lora_b, scaling, r
+
+
 def gemv_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -271,16 +286,7 @@ def gemv_4bit(
     words = x_words(x, state)
     m = words.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if lora is not None:
-        h, lora_b, scaling = lora
-        r = lora_b.shape[1]
-        h = h.reshape(m, r)
-        if h.stride(-1) != 1:
-            h = h.contiguous()
-        lora_b = lora_b.contiguous()
-        assert lora_b.shape == (n, r), (tuple(lora_b.shape), n, r)
-    else:
-        h, lora_b, scaling, r = y, y, 0.0, 1  # unused pointers
+    h, lora_b, scaling, r = lora_arguments(lora, y)
     cfg = dict(config or default_config(m, n, k))
     half_k, half_bs = k // 2, state.blocksize // 2
     chunk = min(32, half_bs)

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ..quant.state import QuantState
 from .dequant import _weight_pointers
-from .gemv import x_words
+from .gemv import lora_arguments, x_words
 from .platform import launch_device, triton_interpreted
 
 MMA_MAX_M = 8  # the mma's N: the rows of x one pass serves
@@ -155,108 +155,21 @@ def _gemv_mma_kernel(
     acc = tl.zeros((W * 32, 4), dtype=tl.float32)
     n_it: tl.constexpr = S // W
     # Two steps per trip, each step's loads issued before the other's work: no registers rotate between trips.
-    wa = tl.load(w_ptr + w_off)
-    xaa = tl.load(x_ptr + x_off)
-    xba = tl.load(x_ptr + x_off + 16)
+    wa, xaa, xba = _load_step(w_ptr, x_ptr, w_off, x_off, 0, W)
     for it in range(0, n_it - 1, 2):
-        wb = tl.load(w_ptr + w_off + (it + 1) * (W * 128))
-        xab = tl.load(x_ptr + x_off + (it + 1) * (W * 32))
-        xbb = tl.load(x_ptr + x_off + (it + 1) * (W * 32) + 16)
-        acc += _step(
-            wa,
-            xaa,
-            xba,
-            th,
-            tlo,
-            it,
-            wi,
-            W,
-            w_ptr,
-            x_ptr,
-            code16_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            code8_ptr,
-            offset_ptr,
-            g,
-            row,
-            t,
-            reg,
-            M,
-            stride_xw,
-            S,
-            K,
-            BS,
-            NESTED,
-            NESTED_BS,
-            F16,
-            ASM,
-        )
+        wb, xab, xbb = _load_step(w_ptr, x_ptr, w_off, x_off, it + 1, W)
+        acc += _step(wa, xaa, xba, th, tlo, it, wi, W, w_ptr, x_ptr, code16_ptr, absmax_ptr, nested_absmax_ptr,
+                     code8_ptr, offset_ptr, g, row, t, reg, M, stride_xw,
+                     S, K, BS, NESTED, NESTED_BS, F16, ASM)  # fmt: skip
         if it + 2 < n_it:
-            wa = tl.load(w_ptr + w_off + (it + 2) * (W * 128))
-            xaa = tl.load(x_ptr + x_off + (it + 2) * (W * 32))
-            xba = tl.load(x_ptr + x_off + (it + 2) * (W * 32) + 16)
-        acc += _step(
-            wb,
-            xab,
-            xbb,
-            th,
-            tlo,
-            it + 1,
-            wi,
-            W,
-            w_ptr,
-            x_ptr,
-            code16_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            code8_ptr,
-            offset_ptr,
-            g,
-            row,
-            t,
-            reg,
-            M,
-            stride_xw,
-            S,
-            K,
-            BS,
-            NESTED,
-            NESTED_BS,
-            F16,
-            ASM,
-        )
+            wa, xaa, xba = _load_step(w_ptr, x_ptr, w_off, x_off, it + 2, W)
+        acc += _step(wb, xab, xbb, th, tlo, it + 1, wi, W, w_ptr, x_ptr, code16_ptr, absmax_ptr, nested_absmax_ptr,
+                     code8_ptr, offset_ptr, g, row, t, reg, M, stride_xw,
+                     S, K, BS, NESTED, NESTED_BS, F16, ASM)  # fmt: skip
     if n_it % 2:  # an odd count: the last step, loaded by the last trip (or before the loop)
-        acc += _step(
-            wa,
-            xaa,
-            xba,
-            th,
-            tlo,
-            n_it - 1,
-            wi,
-            W,
-            w_ptr,
-            x_ptr,
-            code16_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            code8_ptr,
-            offset_ptr,
-            g,
-            row,
-            t,
-            reg,
-            M,
-            stride_xw,
-            S,
-            K,
-            BS,
-            NESTED,
-            NESTED_BS,
-            F16,
-            ASM,
-        )
+        acc += _step(wa, xaa, xba, th, tlo, n_it - 1, wi, W, w_ptr, x_ptr, code16_ptr, absmax_ptr, nested_absmax_ptr,
+                     code8_ptr, offset_ptr, g, row, t, reg, M, stride_xw,
+                     S, K, BS, NESTED, NESTED_BS, F16, ASM)  # fmt: skip
 
     acc = tl.reshape(acc, (W, 32, 4))
     out = tl.sum(acc, axis=0)  # (32, 4): the warps' parts of K
@@ -274,36 +187,16 @@ def _gemv_mma_kernel(
 
 
 @triton.jit
-def _step(
-    words,
-    xa,
-    xb,
-    th,
-    tlo,
-    it,
-    wi,
-    W: tl.constexpr,
-    w_ptr,
-    x_ptr,
-    code16_ptr,
-    absmax_ptr,
-    nested_absmax_ptr,
-    code8_ptr,
-    offset_ptr,
-    g,
-    row,
-    t,
-    reg,
-    M,
-    stride_xw,
-    S: tl.constexpr,
-    K: tl.constexpr,
-    BS: tl.constexpr,
-    NESTED: tl.constexpr,
-    NESTED_BS: tl.constexpr,
-    F16: tl.constexpr,
-    ASM: tl.constexpr,
-):
+def _load_step(w_ptr, x_ptr, w_off, x_off, it, W: tl.constexpr):
+    """Trip it's loads: the thread's 4 packed words and its 8 x words (B's registers for the step's 4 mma)."""
+    return (tl.load(w_ptr + w_off + it * (W * 128)), tl.load(x_ptr + x_off + it * (W * 32)),
+            tl.load(x_ptr + x_off + it * (W * 32) + 16))  # fmt: skip
+
+
+@triton.jit
+def _step(words, xa, xb, th, tlo, it, wi, W: tl.constexpr, w_ptr, x_ptr, code16_ptr, absmax_ptr, nested_absmax_ptr,
+          code8_ptr, offset_ptr, g, row, t, reg, M, stride_xw, S: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+          NESTED: tl.constexpr, NESTED_BS: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     """Step it * W + wi of the thread's 4 registers: the block sums (the PTX, or its plain twin) times the absmax."""
     step = it * W + wi  # (T, 1)
     if ASM:
@@ -409,8 +302,11 @@ def prepared(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, dic
         del _layouts[stale]
     n, k = state.shape
     words = mma_layout_of(packed, n, k)
-    tables = {dt: plane_words(state.code, dt) for dt in (torch.bfloat16, torch.float16)}
-    tables["code16"] = {dt: state.code.to(packed.device, torch.float32).to(dt).float() for dt in tables}
+    # per x dtype: the PTX's 8 plane words, and the rounded table as float32 for the interpreter's twin
+    tables = {
+        dt: (plane_words(state.code, dt), state.code.to(packed.device, torch.float32).to(dt).float())
+        for dt in (torch.bfloat16, torch.float16)
+    }
     _layouts[key] = (weakref.ref(packed), words, tables, packed._version)
     return words, tables
 
@@ -429,7 +325,7 @@ def gemv_4bit_mma(
     packed: torch.Tensor,
     state: QuantState,
     lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    prep: tuple[torch.Tensor, dict] | None = None,
+    prep: tuple[torch.Tensor, dict] | None = None,  # prepared()'s result
     warps: int | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ W.T for at most MMA_MAX_M rows of x; lora as gemv.gemv_4bit's: (h = x @ A.T, B, scaling)."""
@@ -439,21 +335,15 @@ def gemv_4bit_mma(
     xw = x_words(x, state)  # (M, K/2) int32
     m = xw.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if lora is not None:
-        h, lora_b, scaling = lora
-        r = lora_b.shape[1]
-        h = h.reshape(m, r).contiguous()
-        lora_b = lora_b.contiguous()
-        assert lora_b.shape == (n, r), (tuple(lora_b.shape), n, r)
-    else:
-        h, lora_b, scaling, r = y, y, 0.0, 1
+    h, lora_b, scaling, r = lora_arguments(lora, y)
     _, absmax, _, nested, code8, offset = _weight_pointers(packed, state, x.device)
     w = warps or warps_for(n, k)
     f16 = x.dtype == torch.float16
+    planes, code16 = tables[x.dtype]
     with launch_device(x):
         _gemv_mma_kernel[(n // 16,)](
-            words, xw, absmax, tables["code16"][x.dtype], nested, code8, offset, y, h, lora_b, float(scaling),
-            *tables[x.dtype], m, xw.stride(0), y.stride(0), h.stride(0),
+            words, xw, absmax, code16, nested, code8, offset, y, h, lora_b, float(scaling), *planes,
+            m, xw.stride(0), y.stride(0), h.stride(0),
             K=k, BS=state.blocksize, NESTED=state.state2 is not None,
             NESTED_BS=state.state2.blocksize if state.state2 is not None else 256,
             F16=f16, W=w, ASM=not triton_interpreted(), LORA=lora is not None, R=r,
