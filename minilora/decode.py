@@ -8,9 +8,9 @@ remedy, followed here:
     prefill (eager)   the prompt fills a StaticKVCache (minilora.models.llama): fixed-size buffers whose
                       next slot and positions live in device tensors
     step (a graph)    embed the last token -> every layer -> norm -> head -> float logits in a static
-                      buffer, compiled as one function (norms, rotary and SwiGLU fused; 4-bit weights
-                      through the GEMV kernel), recorded once; each token is then one replay, which also
-                      advances the cache
+                      buffer, compiled as one function (norms, rotary and SwiGLU fused, each op rounded as
+                      eager rounds it: EAGER_NUMERICS; 4-bit weights through the GEMV kernel), recorded
+                      once; each token is then one replay, which also advances the cache
     pick (eager)      argmax, or temperature / top-p sampling from a seeded generator on the GPU
                       (minilora.generate.pick_next), then the token is copied into the graph's input
 
@@ -29,6 +29,25 @@ from minilora.models.llama import StaticKVCache
 
 logger = logging.getLogger(__name__)
 
+# Inductor, told to round as eager PyTorch does: each bf16 op's result rounded to bf16 (no fused float32 chains,
+# no fused multiply-add), float32 division correctly rounded (Triton's `/` is div.full, approximate; eager's is
+# IEEE), denormals kept, the CUDA toolkit's libdevice. Greedy decoding breaks exact bf16 logit ties by the
+# last bit, so the compiled token must compute the reference loop's bits, not merely close ones (issue 16;
+# benchmarks/gpu/NOTES.md: with the default options SmolLM2 parted from the loop at ties on 3 of 4 prompts).
+EAGER_NUMERICS = {
+    "emulate_precision_casts": True,
+    "eager_numerics.division_rounding": True,
+    "eager_numerics.disable_ftz": True,
+}
+
+
+def last_logits(
+    model: nn.Module, cache: StaticKVCache, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run ids (B, T) through the decoder into the cache; float32 logits (B, V) of the last position."""
+    hidden = model.model(ids, attention_mask=attention_mask, cache=cache)  # (B, T, C)
+    return model.head(hidden[:, -1]).float()  # (B, V), final soft-cap included
+
 
 class GraphDecoder:
     """Prefill a prompt, then decode token by token with one CUDA-graph replay each (batch B, fixed max_len).
@@ -38,7 +57,14 @@ class GraphDecoder:
     >>> logits = dec.step(next_ids)                   # (B, V) of the new token, one graph replay
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, compile: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        max_len: int,
+        compile: bool = True,
+        compile_options: dict | None = None,  # Inductor's options; None: EAGER_NUMERICS
+    ) -> None:
         param = next(model.parameters())
         if param.device.type != "cuda":
             raise ValueError(f"GraphDecoder needs a CUDA model, this one is on {param.device}")
@@ -51,11 +77,16 @@ class GraphDecoder:
         self.logits: torch.Tensor | None = None  # the graph's output (B, V) float32
         self.graph: torch.cuda.CUDAGraph | None = None
         # One trace of the whole token (the 32 layers inlined): each layer's cache index is a constant of it.
-        self._token_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._token_forward = (
+            torch.compile(
+                self._forward, dynamic=False, options=EAGER_NUMERICS if compile_options is None else compile_options
+            )
+            if compile
+            else self._forward
+        )
 
     def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.model.model(ids, attention_mask=attention_mask, cache=self.cache)  # (B, T, C)
-        return self.model.head(hidden[:, -1]).float()  # (B, V), final soft-cap included
+        return last_logits(self.model, self.cache, ids, attention_mask)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

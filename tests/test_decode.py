@@ -9,7 +9,6 @@ gets a new graph.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -89,24 +88,30 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return convert_gguf(path, tmp_path_factory.mktemp("smollm2"), dtype=torch.bfloat16)
 
 
+SMOLLM2_PROMPTS = [
+    "The three primary colors are",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):",
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_on_smollm2_the_graph_is_exact_and_compiled_blocks_part_only_at_bf16_ties(smollm2_dir: Path, quantize) -> None:
-    """Issue 16 on a real model, bf16 and NF4+DQ, 64 greedy tokens.
-
-    The CUDA graph changes no bit: the graph of the eager modules (GraphDecoder(compile=False)) gives the
-    reference loop's tokens. The default graph compiles the token (norms, rotary and SwiGLU fused: float32
-    inside, one rounding), so its bf16 logits differ from the loop's in the last bit, and SmolLM2's bf16 logits
-    tie exactly (after this prompt three candidates read 21.0): a tie may break the other way. Asserted: where
-    the default path leaves the reference, the reference's own logits put the two tokens within one bf16 step.
-    (On an H100: bf16 parts at token 3 with a gap of 0.0, NF4 at token 16 with 0.0; decode-smollm2-h100.md.)
+@pytest.mark.parametrize("prompt_text", SMOLLM2_PROMPTS, ids=["colors", "chat", "code"])
+def test_on_smollm2_the_fast_path_gives_the_reference_tokens(smollm2_dir: Path, quantize, prompt_text) -> None:
+    """Issue 16 on a real model, bf16 and NF4+DQ, 64 greedy tokens: the default path (the token compiled
+    with EAGER_NUMERICS, one CUDA graph) gives the reference loop's tokens, and so does the graph of the
+    eager modules (GraphDecoder(compile=False)). SmolLM2's bf16 logits tie exactly (after "The three primary
+    colors are" three candidates read 21.0), so a compiled token that rounds in any other way than eager
+    parts at a tie: with Inductor's default options it did on 3 of the 4 prompt runs measured on an H100
+    (decode-smollm2-ties-h100.log). On a failure the message gives the token and the reference's gap there.
     """
     from minilora.decode import GraphDecoder
     from minilora.io.tokenizer import Tokenizer
     from minilora.loading import from_pretrained
 
     model = from_pretrained(smollm2_dir, quantize=quantize, dtype=torch.bfloat16, device="cuda").eval()
-    prompt = Tokenizer.from_dir(smollm2_dir).encode("The three primary colors are")
+    prompt = Tokenizer.from_dir(smollm2_dir).encode(prompt_text)
     ref = generate(model, prompt, SamplingConfig(max_new_tokens=64, fast=False))
     assert len(ref) == 64 and len(set(ref)) > 8  # a real continuation, not one token repeated
     decoder = GraphDecoder(model, batch_size=1, max_len=256, compile=False)
@@ -121,5 +126,23 @@ def test_on_smollm2_the_graph_is_exact_and_compiled_blocks_part_only_at_bf16_tie
         with torch.no_grad():
             last = model(torch.tensor([prompt + ref[:i]], device="cuda"))[0, -1].float()  # (V,)
         gap = float(last[ref[i]] - last[fast[i]])
-        one_step = 2.0 ** (math.floor(math.log2(abs(float(last[ref[i]])))) - 7)  # bf16: 8 significant bits
-        assert 0.0 <= gap <= one_step, (i, gap, one_step)
+        pytest.fail(f"the fast path parts from the reference at token {i}: reference's gap there {gap}")
+
+
+@torch.no_grad()
+def test_the_compiled_token_rounds_as_eager_does(hf_tiny_llama_dir: Path) -> None:
+    """GraphDecoder compiles the token with EAGER_NUMERICS; on the CPU that compiled step gives the eager
+    step's bf16 logits bit for bit, token after token (on CUDA: the SmolLM2 test below)."""
+    from minilora.decode import EAGER_NUMERICS, last_logits
+    from minilora.loading import from_pretrained
+
+    model = from_pretrained(hf_tiny_llama_dir, dtype=torch.bfloat16).eval()
+    compiled = torch.compile(last_logits, dynamic=False, options=EAGER_NUMERICS)
+    eager_cache, compiled_cache = (StaticKVCache(model.config, 1, 24, dtype=torch.bfloat16) for _ in range(2))
+    prompt = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119]])
+    nxt = last_logits(model, eager_cache, prompt).argmax(-1, keepdim=True)
+    last_logits(model, compiled_cache, prompt)
+    for _ in range(8):
+        a, b = last_logits(model, eager_cache, nxt), compiled(model, compiled_cache, nxt)
+        assert torch.equal(a, b), (a - b).abs().max()
+        nxt = a.argmax(-1, keepdim=True)
