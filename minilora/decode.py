@@ -36,9 +36,19 @@ logger = logging.getLogger(__name__)
 # benchmarks/gpu/NOTES.md: with the default options SmolLM2 parted from the loop at ties on 3 of 4 prompts).
 EAGER_NUMERICS = {
     "emulate_precision_casts": True,
-    "eager_numerics.division_rounding": True,
+    "eager_numerics.division_rounding": True,  # Inductor of torch 2.13; older ones lack the last two knobs
     "eager_numerics.disable_ftz": True,
 }
+
+
+def known_options(options: dict) -> dict:
+    """The options the installed Inductor knows (torch.compile refuses any other); the rest logged, not passed."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    if missing := [k for k in options if k not in known]:
+        logger.info("this torch's Inductor lacks %s: the compiled token may round unlike eager there", missing)
+    return {k: v for k, v in options.items() if k in known}
 
 
 def last_logits(
@@ -79,7 +89,9 @@ class GraphDecoder:
         # One trace of the whole token (the 32 layers inlined): each layer's cache index is a constant of it.
         self._token_forward = (
             torch.compile(
-                self._forward, dynamic=False, options=EAGER_NUMERICS if compile_options is None else compile_options
+                self._forward,
+                dynamic=False,
+                options=known_options(EAGER_NUMERICS if compile_options is None else compile_options),
             )
             if compile
             else self._forward

@@ -133,11 +133,13 @@ def test_on_smollm2_the_fast_path_gives_the_reference_tokens(smollm2_dir: Path, 
 def test_the_compiled_token_rounds_as_eager_does(hf_tiny_llama_dir: Path) -> None:
     """GraphDecoder compiles the token with EAGER_NUMERICS; on the CPU that compiled step gives the eager
     step's bf16 logits bit for bit, token after token (on CUDA: the SmolLM2 test below)."""
-    from minilora.decode import EAGER_NUMERICS, last_logits
+    from minilora.decode import EAGER_NUMERICS, known_options, last_logits
     from minilora.loading import from_pretrained
 
     model = from_pretrained(hf_tiny_llama_dir, dtype=torch.bfloat16).eval()
-    compiled = torch.compile(last_logits, dynamic=False, options=EAGER_NUMERICS)
+    assert known_options(EAGER_NUMERICS) == EAGER_NUMERICS  # torch 2.13, as CI installs it
+    assert known_options({"no_such_knob": 1}) == {}
+    compiled = torch.compile(last_logits, dynamic=False, options=known_options(EAGER_NUMERICS))
     eager_cache, compiled_cache = (StaticKVCache(model.config, 1, 24, dtype=torch.bfloat16) for _ in range(2))
     prompt = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119]])
     nxt = last_logits(model, eager_cache, prompt).argmax(-1, keepdim=True)
