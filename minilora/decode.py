@@ -87,15 +87,10 @@ class GraphDecoder:
         self.logits: torch.Tensor | None = None  # the graph's output (B, V) float32
         self.graph: torch.cuda.CUDAGraph | None = None
         # One trace of the whole token (the 32 layers inlined): each layer's cache index is a constant of it.
-        self._token_forward = (
-            torch.compile(
-                self._forward,
-                dynamic=False,
-                options=known_options(EAGER_NUMERICS if compile_options is None else compile_options),
-            )
-            if compile
-            else self._forward
-        )
+        self._token_forward = self._forward
+        if compile:
+            options = known_options(EAGER_NUMERICS if compile_options is None else compile_options)
+            self._token_forward = torch.compile(self._forward, dynamic=False, options=options)
 
     def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return last_logits(self.model, self.cache, ids, attention_mask)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.gpu.decode_smollm2 import PROMPTS as SMOLLM2_PROMPTS
 from minilora.generate import SamplingConfig, generate
 from minilora.models.llama import KVCache, StaticKVCache
 
@@ -88,16 +89,9 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return convert_gguf(path, tmp_path_factory.mktemp("smollm2"), dtype=torch.bfloat16)
 
 
-SMOLLM2_PROMPTS = [
-    "The three primary colors are",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-    "def fibonacci(n):",
-]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-@pytest.mark.parametrize("prompt_text", SMOLLM2_PROMPTS, ids=["colors", "chat", "code"])
+@pytest.mark.parametrize("prompt_text", SMOLLM2_PROMPTS, ids=["colors", "chat", "code"])  # the benchmark's
 def test_on_smollm2_the_fast_path_gives_the_reference_tokens(smollm2_dir: Path, quantize, prompt_text) -> None:
     """Issue 16 on a real model, bf16 and NF4+DQ, 64 greedy tokens: the default path (the token compiled
     with EAGER_NUMERICS, one CUDA graph) gives the reference loop's tokens, and so does the graph of the
@@ -132,7 +126,7 @@ def test_on_smollm2_the_fast_path_gives_the_reference_tokens(smollm2_dir: Path, 
 @torch.no_grad()
 def test_the_compiled_token_rounds_as_eager_does(hf_tiny_llama_dir: Path) -> None:
     """GraphDecoder compiles the token with EAGER_NUMERICS; on the CPU that compiled step gives the eager
-    step's bf16 logits bit for bit, token after token (on CUDA: the SmolLM2 test below)."""
+    step's bf16 logits bit for bit, token after token (on CUDA: the SmolLM2 test above)."""
     from minilora.decode import EAGER_NUMERICS, known_options, last_logits
     from minilora.loading import from_pretrained
 
