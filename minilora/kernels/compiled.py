@@ -68,8 +68,10 @@ logger = logging.getLogger(__name__)
 # a tenth of a CPU QLoRA step); smaller ones are tiny test models, which would not repay a compile. Tests lower it.
 MIN_NUMEL = 1 << 16
 _broken = False  # set when a compile failed: the reference is used from then on
+_compiler_found: bool | None = None  # whether _cpp_compiler() found one, once asked
 _compiled = None  # the torch.compile wrapper, made on first use
 _compiled_into: dict[str, Callable[..., None]] = {}  # the same for the kernels that write into a given output
+_gemv = None  # gemv_4bit's compiled kernel, made on first use
 # PyTorch's own rounding casts kept; no fused multiply-add (the double-quant scale is code8 * absmax + offset,
 # rounded twice, as in eager PyTorch); Inductor's default, pinned against TORCHINDUCTOR_CPP_* settings.
 _OPTIONS = {"emulate_precision_casts": True, "cpp.enable_floating_point_contract_flag": "off"}
@@ -173,6 +175,77 @@ def _dequantize_blocks_into_float32(
     out.copy_(_select_code((byte >> shift) & 15, code) * scale)
 
 
+def _gemv_rows(
+    x_even: torch.Tensor,
+    x_odd: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested: Nested | None,
+) -> torch.Tensor:
+    """The decode kernel that gets compiled: y = W x for one row x, read from the packed bytes, W never built.
+
+    x_even, x_odd: x's elements 2i and 2i+1, float32, (K/blocksize, blocksize/2); packed uint8 (N, K/2); absmax
+    one per block (uint8 codes with `nested`, in blocks of 256) -> y float32 (N,).
+    y[n] = sum over blocks of scale * sum_i (code[hi] x[2i] + code[lo] x[2i+1]): the 16-entry lookup is the
+    select tree above, and each row one vectorized reduction that reads the block's scale once per vector (no
+    (N, K) temporary)."""
+    n, half = packed.shape[0], x_even.shape[1]  # half = blocksize / 2: a constant of the loop (see gemv_4bit)
+    byte = packed.to(torch.int32).view(n, -1)  # (N, K/2)
+    scale = _block_scales(absmax, nested, 256).view(n, -1, 1)  # (N, K/bs, 1)
+    scale = scale.expand(n, scale.shape[1], half).reshape(n, -1)  # (N, K/2): each element's block scale
+    pairs = _select_code(byte >> 4, code) * x_even.view(-1) + _select_code(byte & 15, code) * x_odd.view(-1)
+    return (pairs * scale).sum(-1)  # (N,): one reduction over K/2, fused with the lookup
+
+
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor | None:
+    """x @ W.T for one row of x (M = 1: a decode step) on the CPU, or None if compiling failed.
+
+    Decoding a token multiplies each weight by one vector, so dequantizing W first (dequantize_blocks) writes and
+    reads back 8 bytes an element for one multiply-add. This loop reads the packed byte and does the add
+    (benchmarks/results/generate-cpu.md has what it gives). The sum runs in float32 in another order than
+    F.linear's (a float32 rounding's difference, as in any GEMV, bitsandbytes' too), and the weight's values
+    are not first rounded to x's dtype: tests/kernels/test_compiled_cpu.py bounds both against the reference.
+    Shapes (gemv_applies): a 2-D weight whose rows are whole blocks, a 16-value code, nested blocks of 256.
+
+    Compiles. The block size must stay a constant of the loop: as a symbol Inductor no longer fuses the lookup
+    into the sum (15-30x slower). It is x_even's second size, marked static; the other sizes turn dynamic at
+    the first new one (dynamic=None): a few compiles per block size and absmax dtype, shared by all shapes."""
+    global _gemv
+    if _gemv is None:
+        _gemv = torch.compile(_gemv_rows, dynamic=None, options=_OPTIONS)
+    n, k = state.shape
+    half = state.blocksize // 2
+    row = x.reshape(k // 2, 2).to(torch.float32)  # (K/2, 2): x[2i], x[2i+1]
+    x_even, x_odd = row[:, 0].reshape(-1, half).contiguous(), row[:, 1].reshape(-1, half).contiguous()
+    blocks = packed.reshape(n, k // 2)  # (N, K/2)
+    for t in (x_even, x_odd):
+        torch._dynamo.mark_static(t, 1)
+    s2 = state.state2
+    absmax = state.absmax if s2 is not None else state.absmax.to(torch.float32)
+    nested = None if s2 is None else tuple(_own(t.to(torch.float32)) for t in (s2.absmax, s2.code, state.offset))
+    try:
+        y = _gemv(x_even, x_odd, blocks, _own(absmax), _own(state.code.to(torch.float32)), nested)
+    except Exception as err:  # a compiler or Inductor failure: never crash, never guess
+        _disable(f"{type(err).__name__}: {err}")
+        return None
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def gemv_applies(x: torch.Tensor, state: QuantState) -> bool:
+    """Shapes gemv_4bit takes: one row of x, a 2-D weight of whole-block rows (K % blocksize == 0), 16 codes,
+    double quantization (if any) in bitsandbytes' blocks of 256."""
+    shape, s2 = state.shape, state.state2
+    return (
+        x.numel() == x.shape[-1]
+        and len(shape) == 2
+        and shape[1] % state.blocksize == 0
+        and state.blocksize % 2 == 0
+        and state.code.numel() == 16
+        and (s2 is None or s2.blocksize == 256)
+    )
+
+
 def _cpp_compiler() -> str | None:
     """A C++ compiler Inductor can use, or None."""
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
@@ -189,9 +262,13 @@ def _disable(reason: str) -> None:
 
 
 def available() -> bool:
-    """Whether the compiled path can run at all: no compile failed yet, a C++ compiler present."""
-    if not _broken and _compiled is None and _cpp_compiler() is None:
-        _disable("no C++ compiler (g++, c++, clang++ or $CXX) on PATH")
+    """Whether the compiled path can run at all: no compile failed yet, a C++ compiler present (looked up once:
+    the door asks at every call)."""
+    global _compiler_found
+    if _compiler_found is None:
+        _compiler_found = _cpp_compiler() is not None
+        if not _compiler_found:
+            _disable("no C++ compiler (g++, c++, clang++ or $CXX) on PATH")
     return not _broken
 
 

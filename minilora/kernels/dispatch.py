@@ -8,8 +8,9 @@ Every fast path of this package computes the same function as the plain-PyTorch 
     dequantize_4bit(packed, state, dtype)  "triton" on CUDA, "compiled-cpu" for large CPU weights, else "reference"
     quantize_int8(w)                       "triton" on an NVIDIA GPU (the reference with the GPU's division)
     linear_4bit(x, packed, state)          "triton-gemv" (M <= 4 on CUDA), "triton-small-m" (M <= 64),
-                                           "triton" (dequantize + cuBLAS),
-                                           else the dequantize choice on CPU, then F.linear
+                                           "triton" (dequantize + cuBLAS); on CPU "compiled-cpu-gemv"
+                                           (one row, no gradient: the bytes read in a compiled loop),
+                                           else the dequantize choice, then F.linear
     lora_linear_4bit(x, packed, state, A, B, s)  decode's W x + s B A x: "triton-gemv-lora" (no grad, M <= 4,
                                            CUDA), else None: the caller runs the reference LoRALinear
     embedding_rows(table, ids)             "triton-host-gather" (CUDA ids, a pinned host table), else "reference"
@@ -111,6 +112,19 @@ def _dequantize_choice(packed: torch.Tensor, state: QuantState, dtype: torch.dty
     return REFERENCE
 
 
+def _linear_choice(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> str:
+    """linear_4bit's implementation for an uncached weight (see the module's table)."""
+    if use_fast_path(x):
+        from .matmul import path_of
+
+        return path_of(x, state)
+    name = _dequantize_choice(packed, state, x.dtype)
+    # one row without a gradient to carry (a decode step): the compiled loop reads the bytes, W is never built
+    if name == "compiled-cpu" and not (torch.is_grad_enabled() and x.requires_grad) and compiled.gemv_applies(x, state):
+        return "compiled-cpu-gemv"
+    return name
+
+
 def _default_rounding(x: torch.Tensor) -> str:
     """bitsandbytes rounds differently on each device: store the bytes it stores on x's device."""
     return "bnb_cuda" if x.is_cuda else "bnb_cpu"
@@ -128,12 +142,7 @@ def implementation(op: str, *args: object, **kwargs: object) -> str:
     if op == "quantize_int8":
         return "triton" if _ptx_kernels(args[0]) else REFERENCE  # type: ignore[arg-type]
     if op == "linear_4bit":
-        x, packed, state = args[:3]
-        if use_fast_path(x):  # type: ignore[arg-type]
-            from .matmul import path_of
-
-            return path_of(x, state)  # type: ignore[arg-type]
-        return _dequantize_choice(packed, state, x.dtype)  # type: ignore[arg-type, union-attr]
+        return _linear_choice(*args[:3])  # type: ignore[arg-type]
     raise ValueError(f"unknown op {op!r}: expected quantize_4bit, dequantize_4bit, quantize_int8 or linear_4bit")
 
 
@@ -252,13 +261,21 @@ def linear_4bit(
 
     CUDA with Triton: kernels/matmul.py (a GEMV kernel for a few rows, else dequantize + cuBLAS), one custom
     operator that torch.compile traces. Elsewhere: W dequantized in the forward, dropped, and dequantized again
-    in the backward, so that a frozen base costs its packed bytes only (QLoRA section 3). weight: W already
+    in the backward, so that a frozen base costs its packed bytes only (QLoRA section 3); a CPU decode step (one
+    row, no gradient) reads the bytes in compiled.gemv_4bit and never builds W. weight: W already
     dequantized (train/weight_cache.py): forward and backward read it instead, on every device ("cached").
     """
-    if weight is None and use_fast_path(x):
+    choice = "cached" if weight is not None else _linear_choice(x, packed, state)
+    if choice.startswith("triton"):
         from .matmul import linear_4bit as fast
 
         return fast(x, packed, state)  # records "triton-gemv", "triton-small-m" or "triton" as it runs
+    if choice == "compiled-cpu-gemv":
+        blockwise.check_state_fits(packed, state)
+        y = compiled.gemv_4bit(x, packed, state)
+        if y is not None:
+            record("linear_4bit", choice)
+            return y
 
     def dense() -> torch.Tensor:
         return dequantize_for_matmul(packed, state, x.dtype) if weight is None else weight.to(x.dtype)
