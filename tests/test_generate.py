@@ -102,6 +102,12 @@ def test_bad_settings_are_refused(models):
     _, ours = models
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
+    for temperature in (-0.5, float("nan"), float("inf")):  # NaN would sample from NaN probabilities
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingConfig(temperature=temperature)
+    for count in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            SamplingConfig(max_new_tokens=count)
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(ours, [])
     with pytest.raises(ValueError, match="positions"):

@@ -216,8 +216,8 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
         _gemv = torch.compile(_gemv_rows, dynamic=None, options=_OPTIONS)
     n, k = state.shape
     half = state.blocksize // 2
-    row = x.reshape(k // 2, 2).to(torch.float32)  # (K/2, 2): x[2i], x[2i+1]
-    x_even, x_odd = row[:, 0].reshape(-1, half).contiguous(), row[:, 1].reshape(-1, half).contiguous()
+    halves = x.reshape(k // 2, 2).t().to(torch.float32).contiguous()  # (2, K/2): one copy for float32 x
+    x_even, x_odd = halves[0].view(-1, half), halves[1].view(-1, half)  # x[2i], x[2i+1]: (K/bs, bs/2) each
     blocks = packed.reshape(n, k // 2)  # (N, K/2)
     for t in (x_even, x_odd):
         torch._dynamo.mark_static(t, 1)
