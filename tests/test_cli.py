@@ -68,6 +68,10 @@ def test_bad_paths_give_one_clear_line_and_exit_1(tmp_path, capsys):
 
     assert main(["generate", str(tmp_path / "nothing.gguf"), "--prompt", "hi"]) == 1
     assert "nothing.gguf" in capsys.readouterr().err
+    # a bad sampling setting is named before any model is looked for
+    assert main(["generate", str(tmp_path / "nothing.gguf"), "--prompt", "hi", "--temperature", "nan"]) == 1
+    err = capsys.readouterr().err
+    assert "temperature must be a finite number" in err and "nothing.gguf" not in err
 
 
 def test_finetune_generate_merge_quantize_on_a_tiny_model(tmp_path, capsys):

@@ -45,6 +45,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     import torch
 
+    config = SamplingConfig(  # bad settings fail here, before the model loads
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        fast=not args.no_fast,
+    )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_dir = find_model(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -53,13 +60,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         load_adapter(model, args.adapter)
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        fast=not args.no_fast,
-    )
     t0, pieces = time.perf_counter(), []
     for piece in stream_text(model, tokenizer, prompt, config):
         pieces.append(piece)
