@@ -58,7 +58,25 @@ def test_error_bound_with_double_quant(case, quant_type):
     true_absmax = quantize_4bit(x, blocksize, quant_type, compress_statistics=False)[1].absmax
     nested = state.state2.absmax.repeat_interleave(state.state2.blocksize)[: true_absmax.numel()]
     scale_error = (dequantize_absmax(state) - true_absmax).abs()
-    assert bool((scale_error <= nested * DQ_SCALE_ERROR + 1e-7 * true_absmax).all())
+    # Where 1 / nested absmax overflows float32 (nested < 2**-128: subnormal weights) the 8-bit quantizer's
+    # reciprocal is inf and the decoded absmax is off by up to ~15%, in bitsandbytes too, bit for bit
+    # (test_subnormal_nested_absmax_decodes_as_bitsandbytes_does); the bound holds everywhere else.
+    bounded = torch.isfinite(1.0 / nested)
+    assert bool((scale_error <= nested * DQ_SCALE_ERROR + 1e-7 * true_absmax)[bounded].all())
+
+
+def test_subnormal_nested_absmax_decodes_as_bitsandbytes_does():
+    """The example hypothesis found (2026-12-08): weights ~1e-39, so the nested absmax (2.1e-39) has an infinite
+    float32 reciprocal. Both libraries then store the same codes and decode the same, ~15% off, absmax."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    x = (torch.rand(96, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 7e-39
+    x[95] = 1e-38
+    packed, state = quantize_4bit(x, 32, "nf4", compress_statistics=True)
+    ref_packed, ref_state = bnbf.quantize_4bit(x, blocksize=32, quant_type="nf4", compress_statistics=True)
+    assert torch.isinf(1.0 / state.state2.absmax).all()
+    assert torch.equal(packed.view(-1), ref_packed.view(-1)) and torch.equal(state.absmax, ref_state.absmax)
+    ref_decoded = bnbf.dequantize_blockwise(ref_state.absmax, ref_state.state2) + ref_state.offset
+    assert torch.equal(dequantize_absmax(state), ref_decoded)
 
 
 @settings(max_examples=80, **SETTINGS)
