@@ -203,9 +203,10 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
 
     Decoding a token multiplies each weight by one vector, so dequantizing W first (dequantize_blocks) writes and
     reads back the whole weight (8 bytes an element in float32) for one multiply-add each. This loop reads the
-    packed byte and does the add (benchmarks/results/generate-cpu-gemv-ab.md has what it gives). The sum runs in float32 in another order than
-    F.linear's (a float32 rounding's difference, as in any GEMV, bitsandbytes' too), and the weight's values
-    are not first rounded to x's dtype: tests/kernels/test_compiled_cpu_gemv.py bounds both against the reference.
+    packed byte and does the add (benchmarks/results/generate-cpu-gemv-ab.md has what it gives). The sum runs
+    in float32 in another order than F.linear's (a float32 rounding's difference, as in any GEMV, bitsandbytes'
+    too), and the weight's values are not first rounded to x's dtype: tests/kernels/test_compiled_cpu_gemv.py
+    bounds both against the reference.
     Shapes (gemv_applies): a 2-D weight whose rows are whole blocks, a 16-value code, nested blocks of 256.
 
     Compiles. The block size must stay a constant of the loop: as a symbol Inductor no longer fuses the lookup
