@@ -251,7 +251,7 @@ def mma_supported(x: torch.Tensor, state: QuantState) -> bool:
         return False
     n, k = state.shape
     m = x.numel() // max(1, x.shape[-1])
-    return (1 <= m <= MMA_MAX_M and n % 16 == 0 and k % STEP == 0 and state.blocksize % STEP == 0
+    return (1 <= m <= MMA_MAX_M and n % 16 == 0 and k % (2 * STEP) == 0 and state.blocksize % STEP == 0
             and k % state.blocksize == 0 and state.numel < 2**31)  # fmt: skip
 
 
@@ -311,10 +311,17 @@ def prepared(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, dic
     return words, tables
 
 
+# One warp is wrong on the GPU (H100, 2026-12-08: relative error ~2): Triton lays a (32, 4) tensor out as
+# sizePerThread [4, 1] over threadsPerWarp [8, 4], so a thread's 4 registers are not one row's 4 fragment words
+# the PTX assumes. From 2 warps it is [1, 1] over [32, 1] x [W, 1], each thread one row's 4 words (checked from
+# the TTGIR on the CPU: tests/kernels/test_gemv_mma.py); 4 and 16 warps gave the right product on the H100.
+MIN_WARPS = 2
+
+
 def warps_for(n: int, k: int) -> int:
-    """Warps per program (each takes every W-th 64-k step, so W divides K/64): at least 4 where K allows, more
-    (up to 16) until the grid holds ~3.5K warps, enough to keep the card's reads in flight."""
-    w = 1
+    """Warps per program (each takes every W-th 64-k step, so W divides K/64): at least 2 (MIN_WARPS), 4 where K
+    allows, more (up to 16) until the grid holds ~3.5K warps, enough to keep the card's reads in flight."""
+    w = MIN_WARPS
     while w < 16 and (k // STEP) % (2 * w) == 0 and (w < 4 or (n // 16) * w < 3584):
         w *= 2
     return w
@@ -338,6 +345,8 @@ def gemv_4bit_mma(
     h, lora_b, scaling, r = lora_arguments(lora, y)
     _, absmax, _, nested, code8, offset = _weight_pointers(packed, state, x.device)
     w = warps or warps_for(n, k)
+    if w < MIN_WARPS or (k // STEP) % w:
+        raise ValueError(f"gemv_4bit_mma: {w} warps; at least {MIN_WARPS}, dividing the {k // STEP} steps of K")
     f16 = x.dtype == torch.float16
     planes, code16 = tables[x.dtype]
     with launch_device(x):

@@ -129,6 +129,35 @@ def test_the_layout_is_a_permutation_with_an_inverse() -> None:
 
 
 @pytest.mark.parametrize("n, k, warps", [(14336, 4096, 4), (4096, 4096, 16), (1024, 4096, 16), (4096, 14336, 16),
-                                         (32, 192, 1)])  # fmt: skip
+                                         (32, 128, 2)])  # fmt: skip
 def test_warps_divide_the_steps(n: int, k: int, warps: int) -> None:
     assert gemv_mma.warps_for(n, k) == warps and (k // 64) % warps == 0
+
+
+def test_an_odd_count_of_steps_is_not_taken():
+    # 3 steps of 64 would leave one warp per program, which the kernel refuses (gemv_mma.MIN_WARPS)
+    _, state = quantize_4bit(torch.randn(32, 192), 64, "nf4")
+    assert not gemv_mma.mma_supported(torch.randn(1, 192, dtype=torch.bfloat16), state)
+
+
+@pytest.mark.parametrize("warps", [1, 2, 4])
+def test_each_thread_holds_one_rows_four_fragment_words(warps: int):
+    """The PTX takes a thread's 4 registers as one row's 4 words. Compiled for sm_90 here (no GPU), the inline
+    asm's operands must be laid out so: [1, 1] or [1, 4] per thread over 32 lanes of rows. One warp gets [4, 1]
+    over [8, 4], the layout that gave wrong products on an H100 (2026-12-08), hence gemv_mma.MIN_WARPS = 2."""
+    from benchmarks.gpu.sass_loop import BASE_SIG, POINTERS, compile_sm90
+
+    planes = {f"th{i}": "i32" for i in range(4)} | {f"tl{i}": "i32" for i in range(4)}
+    out = compile_sm90(
+        gemv_mma._gemv_mma_kernel,
+        dict(BASE_SIG, w_ptr="*i32", x_ptr="*i32", code16_ptr="*fp32", stride_xw="i32", **planes),
+        dict(M=1, K=4096, BS=64, NESTED=True, NESTED_BS=256, F16=False, W=warps, ASM=True, LORA=False, R=1, R_PAD=1),
+        warps,
+        POINTERS + ["w_ptr", "x_ptr", "code16_ptr", "stride_xw", "stride_ym", "stride_hm"],
+    )
+    ttgir = out["ttgir"]
+    aliases = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<\{.*\}>)", ttgir, re.M))
+    asm = next(line for line in ttgir.splitlines() if "elementwise_inline_asm" in line)
+    layout = aliases[re.search(r"-> tensor<\d+x4xf32, (#\w+)>", asm).group(1)]
+    per_row = re.search(r"sizePerThread = \[1, [14]\], threadsPerWarp = \[32, 1\]", layout) is not None
+    assert per_row == (warps >= gemv_mma.MIN_WARPS), layout

@@ -214,7 +214,7 @@ def test_small_m_kernel_is_the_reference_product(
 @pytest.mark.parametrize(
     "n, k, blocksize, double_quant, quant_type",
     [(4096, 4096, 64, True, "nf4"), (1024, 1536, 64, False, "fp4"), (320, 2048, 256, True, "nf4"),
-     (48, 192, 64, True, "fp4")],
+     (48, 256, 64, True, "fp4")],
 )  # fmt: skip
 def test_gemv_mma_matches_reference(
     m: int, n: int, k: int, blocksize: int, double_quant: bool, quant_type: str
@@ -230,7 +230,7 @@ def test_gemv_mma_matches_reference(
         x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)[:, ::2]
         assert gemv_mma.mma_supported(x, state)
         exact = x.float() @ w_ref.T
-        for warps in [w for w in (1, 2, 4, 8, 16) if (k // 64) % w == 0]:
+        for warps in [w for w in (2, 4, 8, 16) if (k // 64) % w == 0]:  # one warp is refused (gemv_mma.MIN_WARPS)
             y = gemv_mma.gemv_4bit_mma(x, packed, state, warps=warps)
             assert y.shape == (m, n) and y.dtype == dtype
             assert _rel(y, exact) < tol, (dtype, m, warps)
