@@ -66,8 +66,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora: tuple |
     shape allows and its weight layout exists or can be built (not inside a CUDA graph capture).
     `last_implementation("gemv_4bit")` says which ran: "mma" or "fma".
 
-    The mma kernel is opt-in until it has run on a GPU: it was written in a session without one, and is checked
-    on the CPU only (its PTX by an emulator, the rest by Triton's interpreter; benchmarks/gpu/NOTES.md, v3)."""
+    The mma kernel is opt-in: on an H100 (2026-12-08) it was right at the warp counts used here and wrong at one
+    warp (now refused), 1.2x faster than gemv.py's at M=1 on 14336x4096 and slower on 4096x4096; the corrected
+    GPU test and a whole-token decode with it have not run yet (benchmarks/gpu/NOTES.md, v3)."""
     use_mma = os.environ.get("MINILORA_GEMV_MMA", "0") == "1" and mma_supported(x, state) and not triton_interpreted()
     prep = prepared(packed, state) if use_mma else None
     if prep is not None:
