@@ -114,6 +114,12 @@ def _float16_bits(x: torch.Tensor) -> torch.Tensor:
 Nested = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def _nested_of(state: QuantState) -> Nested | None:
+    """The state's double quantization as the kernels take it (float32, no views), or None without one."""
+    s2 = state.state2
+    return None if s2 is None else tuple(_own(t.to(torch.float32)) for t in (s2.absmax, s2.code, state.offset))
+
+
 def _block_scales(absmax: torch.Tensor, nested: Nested | None, nested_blocksize: int) -> torch.Tensor:
     """The float32 scale of each block (n_blocks,): absmax itself, or, double-quantized, the 8-bit codes in absmax
     decoded as blockwise.dequantize_absmax does (inside the kernel: a per-row scalar, no eager pass)."""
@@ -224,9 +230,8 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
         torch._dynamo.mark_static(t, 1)
     s2 = state.state2
     absmax = state.absmax if s2 is not None else state.absmax.to(torch.float32)
-    nested = None if s2 is None else tuple(_own(t.to(torch.float32)) for t in (s2.absmax, s2.code, state.offset))
     try:
-        y = _gemv(x_even, x_odd, blocks, _own(absmax), _own(state.code.to(torch.float32)), nested)
+        y = _gemv(x_even, x_odd, blocks, _own(absmax), _own(state.code.to(torch.float32)), _nested_of(state))
     except Exception as err:  # a compiler or Inductor failure: never crash, never guess
         _disable(f"{type(err).__name__}: {err}")
         return None
@@ -340,7 +345,7 @@ def dequantize_4bit_compiled(
     whole = n // blocksize
     into = out.view(-1) if out is not None and whole * blocksize == n else None
     s2 = state.state2
-    nested = None if s2 is None else (s2.absmax, s2.code, state.offset)  # decoded inside the kernel
+    nested = _nested_of(state)  # decoded inside the kernel
     fast = dequantize_blocks(
         packed, state.absmax, state.code, blocksize, whole, dtype, into, nested, s2.blocksize if s2 else 256
     )
